@@ -1,0 +1,144 @@
+"""The ``netlab`` command: one client for every netlab service.
+
+Subcommands live with their services; each module in :data:`COMMAND_MODULES`
+has ``register(subparsers)`` that adds its parsers and sets ``handler`` to an
+``async def handler(context: Context) -> int | None``.  Errors derived from
+:class:`~netlab.errors.NetlabError` become one line on stderr and the exit
+status of their class (docs/cli.rst lists them); ``-v`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import traceback
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, NoReturn
+
+import attrs
+
+from netlab import __version__
+from netlab.config import NetlabConfig, client_config_path, load
+from netlab.errors import ExitCode, NetlabError
+
+#: Modules that add subcommands, in the order ``--help`` lists them.
+COMMAND_MODULES: list[str] = ["netlab.configcli"]
+
+
+@attrs.frozen
+class Context:
+    """What a subcommand handler is given."""
+
+    reactor: Any
+    args: argparse.Namespace
+    config: NetlabConfig
+
+    @property
+    def server(self) -> str:
+        """The host to connect to: ``--server``, else ``[client] server``."""
+        return self.args.server or self.config.client.server
+
+    @property
+    def verbose(self) -> int:
+        return int(self.args.verbose)
+
+
+Handler = Callable[[Context], Awaitable[int | None]]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but its usage errors are one line plus a hint."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(ExitCode.USAGE, f"{self.prog}: {message} (try --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="netlab",
+        description="Client for the netlab daemon: files, commands, time and chat.",
+        epilog="Exit status: 0 ok, 1 other failure, 2 usage, 3 configuration, "
+        "4 connection, 5 authentication, 6 remote error, 7 integrity, "
+        "8 TLS verification, 130 interrupted.",
+    )
+    parser.add_argument("--version", action="version", version=f"netlab {__version__}")
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="configuration file (default: $NETLAB_CONFIG, then "
+        "~/.config/netlab/netlab.toml, then /etc/netlab/netlab.toml)",
+    )
+    parser.add_argument("--server", metavar="HOST", help="server to connect to")
+    parser.add_argument("--user", metavar="NAME", help="user to authenticate as")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more detail on errors"
+    )
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
+    for module_name in COMMAND_MODULES:
+        importlib.import_module(module_name).register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """Entry point of the ``netlab`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Handler | None = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help(sys.stderr)
+        raise SystemExit(ExitCode.USAGE)
+    raise SystemExit(run(handler, args))
+
+
+def report(error: BaseException, verbose: int) -> int:
+    """Print an error as one line (plus a traceback with -v); return the exit code."""
+    if verbose:
+        traceback.print_exception(error)
+    if isinstance(error, NetlabError):
+        sys.stderr.write(f"netlab: {error}\n")
+        return int(error.exit_code)
+    sys.stderr.write(f"netlab: unexpected error: {error!r} (run with -v for details)\n")
+    return int(ExitCode.FAILURE)
+
+
+def run(handler: Handler, args: argparse.Namespace) -> int:
+    """Load the configuration, run ``handler`` on the reactor, return the exit code."""
+    try:
+        config = load(client_config_path(args.config))
+    except NetlabError as error:
+        return report(error, args.verbose)
+
+    from twisted.internet import reactor
+    from twisted.internet.defer import ensureDeferred
+
+    outcome: dict[str, int] = {}
+
+    def finish(result: object) -> None:
+        if isinstance(result, BaseException):
+            outcome["code"] = report(result, args.verbose)
+        else:
+            outcome["code"] = int(result) if isinstance(result, int) else 0
+        if reactor.running:
+            reactor.stop()
+
+    async def call() -> None:
+        try:
+            result = await handler(Context(reactor, args, config))
+        except Exception as error:
+            finish(error)
+        else:
+            finish(result)
+
+    reactor.callWhenRunning(lambda: ensureDeferred(call()))
+    reactor.run()
+    if "code" not in outcome:  # The reactor stopped first: Ctrl-C or a signal.
+        return int(ExitCode.INTERRUPTED)
+    return outcome["code"]
+
+
+def colour_enabled(stream: Any = None) -> bool:
+    """Whether to colour output: a terminal, and ``NO_COLOR`` unset."""
+    stream = stream or sys.stdout
+    return "NO_COLOR" not in os.environ and bool(getattr(stream, "isatty", bool)())

@@ -1,0 +1,344 @@
+"""The daemon's service tree: one :class:`NetlabService` holding one child per service.
+
+Each service module provides a builder, ``build(config, reactor) -> INetlabService``,
+registered by dotted name in :data:`SERVICE_BUILDERS`.  The base classes here
+do what every service needs: listen on its endpoint when the daemon starts
+(synchronously, so a port that is taken stops start-up with one clear line),
+log where it listens, stop listening on shutdown, and take a new
+configuration on reload.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import socket
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IReactorSocket,
+    IReactorUDP,
+)
+from twisted.internet.protocol import DatagramProtocol
+from twisted.logger import ILogObserver, Logger
+from twisted.python.components import Componentized
+from zope.interface import Attribute, implementer
+
+from netlab.config import NetlabConfig, split_endpoint
+from netlab.errors import ConfigError
+from netlab.logs import NetlabLogObserver
+
+log = Logger(namespace="netlab")
+
+
+class ServiceStartError(Exception):
+    """A service could not start (its one-line message says why and what to do)."""
+
+
+class INetlabService(IService):
+    """A netlab service: a Twisted service that can take a new configuration."""
+
+    listening_address: Any = Attribute(
+        "The address the service listens on once started (an IAddress), or None."
+    )
+
+    def reconfigure(config: NetlabConfig) -> Sequence[str]:
+        """Apply what can change while running from a new, valid configuration.
+
+        Returns human-readable descriptions (``"[file] endpoint"``) of the
+        changed settings that only a restart applies.
+        """
+
+
+def describe_address(address: Any) -> str:
+    """``127.0.0.1:8021`` for IPv4/IPv6 addresses, ``repr`` otherwise."""
+    host = getattr(address, "host", None)
+    port = getattr(address, "port", None)
+    if host is None or port is None:
+        return str(address)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def changed_restart_keys(old: Any, new: Any, section: str) -> list[str]:
+    """The keys of one section that differ and are not marked ``live``."""
+    from netlab.config import keys
+
+    return [
+        f"[{section}] {info.name}"
+        for info in keys(section)
+        if not info.live and getattr(old, info.name) != getattr(new, info.name)
+    ]
+
+
+def systemd_descriptor(name: str) -> int:
+    """The inherited descriptor systemd passed under ``name``.
+
+    Twisted's endpoint module removes ``LISTEN_FDS`` from the environment when
+    it is imported, but ``LISTEN_FDNAMES`` stays, and descriptors start at 3.
+    """
+    names = [n for n in os.environ.get("LISTEN_FDNAMES", "").split(":") if n]
+    if name not in names:
+        raise ServiceStartError(
+            f"systemd passed no socket named {name!r} (LISTEN_FDNAMES="
+            f"{os.environ.get('LISTEN_FDNAMES', '')!r}); check FileDescriptorName= "
+            "in the .socket unit"
+        )
+    return 3 + names.index(name)
+
+
+@implementer(INetlabService)
+class ListeningService(Service):
+    """Base for services that own one listening port.
+
+    Subclasses implement :meth:`listen` and :meth:`apply`.
+    """
+
+    section_name: str = ""
+
+    def __init__(self, config: NetlabConfig, reactor: Any) -> None:
+        self.config = config
+        self.reactor = reactor
+        self.name = self.section_name
+        self.port: IListeningPort | None = None
+
+    @property
+    def section(self) -> Any:
+        return self.config.section(self.section_name)
+
+    @property
+    def listening_address(self) -> Any:
+        return self.port.getHost() if self.port is not None else None
+
+    def listen(self) -> IListeningPort:
+        """Open the listening socket (synchronously)."""
+        raise NotImplementedError
+
+    def apply(self, config: NetlabConfig) -> None:
+        """Take over the ``live`` settings of a new configuration."""
+
+    def privilegedStartService(self) -> None:
+        # Listening here, before twistd sheds privileges, also means a port
+        # that is taken stops start-up instead of leaving a half-started daemon.
+        super().privilegedStartService()
+        try:
+            self.port = self.listen()
+        except CannotListenError as error:
+            reason = error.socketError
+            detail = getattr(reason, "strerror", None) or str(reason)
+            raise ServiceStartError(
+                f"[{self.name}] cannot listen on {self.section.endpoint}: {detail}; "
+                "is another program using that port?"
+            ) from None
+        log.info(
+            "{service} service listening on {address}",
+            event="netlab.listening",
+            service=self.name,
+            address=describe_address(self.port.getHost()),
+        )
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        port, self.port = self.port, None
+        if port is None:
+            return None
+        stopped = port.stopListening()
+        return stopped if isinstance(stopped, Deferred) else None
+
+    def reconfigure(self, config: NetlabConfig) -> Sequence[str]:
+        name = self.section_name
+        restart = changed_restart_keys(self.section, config.section(name), name)
+        self.apply(config)
+        self.config = config
+        return restart
+
+
+class StreamListeningService(ListeningService):
+    """A TCP service listening on a Twisted endpoint string."""
+
+    def factory(self) -> IProtocolFactory:
+        """The protocol factory for incoming connections."""
+        raise NotImplementedError
+
+    def endpoint_description(self) -> str:
+        """The endpoint string, with ``[tls]`` paths filled in for ``ssl:``."""
+        description: str = self.section.endpoint
+        _, options = split_endpoint(description)
+        if description.startswith("ssl:") and "privateKey" not in options:
+            tls = self.config.tls
+            if tls.certificate is None or tls.private_key is None:
+                raise ServiceStartError(
+                    f"[{self.name}] endpoint is ssl: but [tls] certificate and "
+                    "private_key are not set"
+                )
+            description += f":privateKey={_escape(str(tls.private_key))}"
+            description += f":certKey={_escape(str(tls.certificate))}"
+        return description
+
+    def listen(self) -> IListeningPort:
+        try:
+            endpoint = serverFromString(self.reactor, self.endpoint_description())
+        except KeyError as error:
+            # Twisted's systemd: parser looks the name up at parse time.
+            raise ServiceStartError(
+                f"[{self.name}] systemd passed no socket named {error.args[0]!r}; "
+                "check FileDescriptorName= in the .socket unit"
+            ) from None
+        except (ValueError, OSError) as error:
+            raise ServiceStartError(f"[{self.name}] endpoint: {error}") from None
+        listening = endpoint.listen(self.factory())
+        ports: list[IListeningPort] = []
+        failures: list[Any] = []
+        listening.addCallbacks(ports.append, failures.append)
+        if failures:
+            failures[0].raiseException()
+        if not ports:  # Every stream endpoint netlab accepts listens synchronously.
+            raise ServiceStartError(f"[{self.name}] endpoint did not listen at once")
+        return ports[0]
+
+
+class DatagramListeningService(ListeningService):
+    """A UDP service on netlab's ``udp:`` or ``systemd:name=`` endpoint string."""
+
+    def protocol(self) -> DatagramProtocol:
+        """The protocol that receives the service's datagrams."""
+        raise NotImplementedError
+
+    #: Datagrams up to this size are read whole; set above the application's
+    #: limit so oversize input is seen (and refused), never silently truncated.
+    max_packet_size: int = 65535
+
+    def listen(self) -> IListeningPort:
+        address = self.config.listen_address(self.section_name)
+        reactor: IReactorUDP = self.reactor
+        if address.kind == "systemd":
+            assert address.name is not None
+            return self._adopt(address.name)
+        assert address.port is not None
+        return reactor.listenUDP(
+            address.port,
+            self.protocol(),
+            interface=address.interface or "",
+            maxPacketSize=self.max_packet_size,
+        )
+
+    def _adopt(self, name: str) -> IListeningPort:
+        descriptor = systemd_descriptor(name)
+        try:
+            sock = socket.socket(fileno=os.dup(descriptor))
+        except OSError as error:
+            raise ServiceStartError(
+                f"[{self.name}] systemd socket {name!r}: {error.strerror}"
+            ) from None
+        with sock:
+            if sock.type != socket.SOCK_DGRAM:
+                raise ServiceStartError(
+                    f"[{self.name}] systemd socket {name!r} is not a datagram socket; "
+                    "use ListenDatagram= in the .socket unit"
+                )
+            # A blocking socket would freeze the reactor on a spurious wake-up.
+            sock.setblocking(False)
+            reactor: IReactorSocket = self.reactor
+            # adoptDatagramPort duplicates the descriptor, so ours is closed here.
+            port: IListeningPort = reactor.adoptDatagramPort(
+                sock.fileno(), sock.family, self.protocol(), self.max_packet_size
+            )
+        os.close(descriptor)
+        return port
+
+
+def _escape(path: str) -> str:
+    """Escape a path for use inside a Twisted endpoint string."""
+    return path.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
+
+
+#: Builders of the services, by name.  ``None``: known to the configuration
+#: but not part of this release (enabling it is a configuration error).
+SERVICE_BUILDERS: dict[str, str | None] = {
+    "file": None,
+    "command": None,
+    "time": None,
+    "chat": None,
+}
+
+
+def builder(name: str) -> Callable[[NetlabConfig, Any], INetlabService]:
+    """Import the builder of service ``name``."""
+    target = SERVICE_BUILDERS[name]
+    if target is None:
+        raise ConfigError(
+            "this service is not available in this netlab release; set enabled = false",
+            section=name,
+            key="enabled",
+        )
+    module_name, _, function = target.partition(":")
+    return getattr(importlib.import_module(module_name), function)  # type: ignore[no-any-return]
+
+
+def check_available(config: NetlabConfig) -> None:
+    """Refuse a configuration that enables a service this release lacks."""
+    for name in config.enabled_services():
+        try:
+            builder(name)
+        except ConfigError as error:
+            error.path = str(config.path) if config.path else None
+            raise ConfigError(
+                error.reason, path=error.path, section=name, key="enabled"
+            ) from None
+
+
+class NetlabService(MultiService):
+    """The root of the daemon: one child per enabled service."""
+
+    def __init__(
+        self,
+        config: NetlabConfig,
+        reactor: Any,
+        log_observer: NetlabLogObserver | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.log_observer = log_observer
+        for name in config.enabled_services():
+            builder(name)(config, reactor).setServiceParent(self)
+
+    def setServiceParent(self, parent: Any) -> None:
+        # twistd asks the application for an ILogObserver component before it
+        # falls back to its own text observer; this is how [netlab] log_format
+        # and log_level take effect (twistd --logger still wins).
+        if (
+            self.log_observer is not None
+            and isinstance(parent, Componentized)
+            and parent.getComponent(ILogObserver) is None
+        ):
+            parent.setComponent(ILogObserver, self.log_observer)
+        super().setServiceParent(parent)
+
+    def privilegedStartService(self) -> None:
+        state = self.config.netlab.state_directory
+        state.mkdir(mode=0o700, parents=True, exist_ok=True)
+        super().privilegedStartService()
+
+    def reconfigure(self, config: NetlabConfig) -> list[str]:
+        """Apply a new, valid configuration; return what needs a restart."""
+        restart = changed_restart_keys(self.config.netlab, config.netlab, "netlab")
+        restart += changed_restart_keys(self.config.tls, config.tls, "tls")
+        if self.log_observer is not None:
+            self.log_observer.set_level(config.netlab.log_level)
+        for name in config.enabled_services():
+            if name not in self.namedServices:
+                restart.append(f"[{name}] enabled")
+        for child in self:
+            if not config.section(child.name).enabled:
+                restart.append(f"[{child.name}] enabled")
+            else:
+                restart.extend(INetlabService(child).reconfigure(config))
+        self.config = config
+        return restart
