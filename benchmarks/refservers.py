@@ -1,0 +1,105 @@
+"""Start and stop the reference servers the benchmarks compare netlab with.
+
+Every server runs from Debian's package, unprivileged where it can, bound to
+127.0.0.1 on a free high port, with its configuration in a temporary
+directory; it is stopped by the PID this module started.  A server whose
+program is missing is reported as unavailable (``--quick`` runs skip it).
+
+See ../shared/REFERENCE-SERVERS.md for how each one behaved on this machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import attrs
+
+
+class Unavailable(Exception):
+    """The reference server cannot run here (its message says why)."""
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    """A port on 127.0.0.1 that is free right now (for servers that need one named)."""
+    with socket.socket(socket.AF_INET, kind) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def require(*programs: str) -> None:
+    """Raise :class:`Unavailable` unless every program is installed."""
+    missing = [p for p in programs if shutil.which(p) is None]
+    if missing:
+        raise Unavailable("not installed: " + ", ".join(missing))
+
+
+def wait_for_tcp(port: int, timeout: float = 10.0) -> None:
+    """Wait until something accepts TCP connections on 127.0.0.1:port."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(
+            ("127.0.0.1", port), timeout=0.5
+        ):
+            return
+        time.sleep(0.05)
+    raise Unavailable(f"nothing listened on 127.0.0.1:{port} within {timeout}s")
+
+
+@attrs.define
+class RunningServer:
+    """A reference server process and where it listens."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    port: int
+    directory: Path
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@contextlib.contextmanager
+def running(
+    name: str, argv: Sequence[str], port: int, directory: Path, *, tcp: bool = True
+) -> Iterator[RunningServer]:
+    """Run ``argv`` until the block ends; wait for its TCP port when ``tcp``."""
+    log = (directory / f"{name}.log").open("wb")
+    process = subprocess.Popen(
+        list(argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+    )
+    server = RunningServer(name, process, port, directory)
+    try:
+        if tcp:
+            wait_for_tcp(port)
+        yield server
+    finally:
+        server.stop()
+        log.close()
+
+
+@contextlib.contextmanager
+def scratch(prefix: str) -> Iterator[Path]:
+    """A temporary directory for one server's configuration and data."""
+    path = Path(tempfile.mkdtemp(prefix=f"netlab-bench-{prefix}-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# Each reference server below is a context manager yielding a RunningServer:
+# chronyd (time), ngircd (chat), sshd and rsyncd (file).
