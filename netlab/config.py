@@ -656,6 +656,114 @@ class ChatSection:
         DatagramEndpoint(),
         "Where the chat service listens.",
     )
+    rooms: tuple[str, ...] = setting(
+        ("lobby",),
+        TextList(
+            Text(
+                r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,31}",
+                "room names: 1-32 ASCII letters, digits, '_', '-', '.'",
+            )
+        ),
+        "Rooms that always exist; the first is where members land when they "
+        "name no room.",
+        live=True,
+    )
+    create_rooms: bool = setting(
+        True,
+        Boolean(),
+        "Whether joining a room that does not exist creates it (false: only "
+        "the rooms listed in rooms).",
+        live=True,
+    )
+    max_rooms: int = setting(
+        100, Integer(minimum=1), "How many rooms may exist at once.", live=True
+    )
+    max_members: int = setting(
+        200, Integer(minimum=1), "How many members one room may hold.", live=True
+    )
+    max_sessions: int = setting(
+        1000,
+        Integer(minimum=1),
+        "How many members the whole service may hold (JSON and text mode).",
+        live=True,
+    )
+    nick_max_length: int = setting(
+        24,
+        Integer(minimum=1, maximum=64),
+        "The longest nickname, in characters. Nicknames are letters, digits, "
+        "'_', '-' and '.'; case and look-alike characters are folded when "
+        "checking that a nickname is free.",
+        live=True,
+    )
+    max_datagram: int = setting(
+        1200,
+        Size(minimum=256, maximum=65507),
+        "The largest datagram accepted or sent. Larger ones are refused, never "
+        "truncated; several queued messages for one member are packed into "
+        "one datagram up to this size.",
+        live=True,
+    )
+    history: int = setting(
+        50,
+        Integer(minimum=0, maximum=10000),
+        "How many recent messages each room keeps, for joiners and for "
+        "clients repairing a gap.",
+        live=True,
+    )
+    member_timeout: float = setting(
+        90.0,
+        Duration(minimum=3.0),
+        "A member not heard from for this long is evicted and the room is "
+        "told. Clients send keepalives at a quarter of it.",
+        live=True,
+    )
+    message_rate: float = setting(
+        5.0,
+        Number(minimum=0.01),
+        "Messages a second one member may send (say, private, nick, who), "
+        "on average.",
+        live=True,
+    )
+    message_burst: float = setting(
+        20.0,
+        Number(minimum=1),
+        "How many messages one member may send at once before message_rate "
+        "applies.",
+        live=True,
+    )
+    flood_strikes: int = setting(
+        5,
+        Integer(minimum=1),
+        "Messages over the limit a member may send (each answered with a "
+        "warning) before it is dropped from the chat.",
+        live=True,
+    )
+    source_rate: float = setting(
+        50.0,
+        Number(minimum=0.01),
+        "Datagrams a second accepted from one source address (more are "
+        "dropped unanswered).",
+        live=True,
+    )
+    source_burst: float = setting(
+        100.0,
+        Number(minimum=1),
+        "Datagrams accepted at once from one source address.",
+        live=True,
+    )
+    global_rate: float = setting(
+        0.0,
+        Number(minimum=0),
+        "Datagrams a second the whole service accepts from all sources "
+        "(0: no ceiling).",
+        live=True,
+    )
+    text_mode: bool = setting(
+        True,
+        Boolean(),
+        "Accept plain-text datagrams (nc -u, socat) besides JSON.",
+        live=True,
+    )
 
 
 @attrs.frozen

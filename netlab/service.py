@@ -264,7 +264,7 @@ SERVICE_BUILDERS: dict[str, str | None] = {
     "file": None,
     "command": None,
     "time": None,
-    "chat": None,
+    "chat": "netlab.chat.service:build",
 }
 
 
