@@ -21,7 +21,7 @@ VICTIM = ("127.0.0.9", 53001)
 
 class JSONModeTests(TestCase):
     def test_join_needs_the_cookie_round_trip(self) -> None:
-        """A join without a cookie creates nothing and is answered with a cookie only."""
+        """A join without a cookie creates nothing and gets a cookie only."""
         chat = Harness()
         request = {
             "type": "join",
@@ -177,7 +177,7 @@ class JSONModeTests(TestCase):
 
 class TextModeTests(TestCase):
     def test_code_proof_then_chat(self) -> None:
-        """A text address echoes its code, picks a nick, lands in the lobby and talks."""
+        """A text address echoes its code, picks a nick, lands in lobby, talks."""
         chat = Harness()
         chat.join_text(ANN, "ann")
         chat.send("/who", ANN)
@@ -332,7 +332,7 @@ class HostileTests(TestCase):
         self.assertNotIn(TOM, chat.server.sessions)
 
     def test_forged_and_stale_tokens(self) -> None:
-        """A wrong token, a token from another address and an expired one are refused."""
+        """A wrong token, a token from another address and an expired one: refused."""
         chat = Harness(member_timeout=30.0)
         tom = chat.join(TOM, "tom")
         chat.join(ANN, "ann")
@@ -386,7 +386,7 @@ class HostileTests(TestCase):
         self.assertNotIn(VICTIM, chat.server.sessions)
 
     def test_privileged_source_ports_are_ignored(self) -> None:
-        """Datagrams from ports below 1024 (DNS, NTP: reflection victims) get no answer."""
+        """Datagrams from ports below 1024 (DNS, NTP: reflection victims) are ignored."""
         chat = Harness()
         chat.send("hello from port 53, padded out to be long enough", ("127.0.0.1", 53))
         self.assertEqual(chat.datagrams(("127.0.0.1", 53)), [])
@@ -424,7 +424,7 @@ class HostileTests(TestCase):
         self.assertEqual(chat.server.counters.source_limited, 40)
 
     def test_ten_thousand_joins_hold_the_caps(self) -> None:
-        """10,000 join attempts: no state without a cookie; with cookies, the caps hold."""
+        """10,000 join attempts: no state without cookie; with one, caps hold."""
         chat = Harness(max_sessions=50, max_members=30, max_rooms=5, source_burst=1e9)
         for number in range(10_000):
             address = (f"10.{number // 250 % 250}.{number % 250}.1", 20000 + number)
@@ -497,7 +497,7 @@ class HostileTests(TestCase):
             self.assertEqual(reply.get("code"), code, room)
 
     def test_bad_json(self) -> None:
-        """Malformed, non-object, nested-bomb and unknown-type JSON get a clear error."""
+        """Malformed, non-object, nested-bomb and unknown-type JSON: a clear error."""
         chat = Harness()
         tom = chat.join(TOM, "tom")
         chat.messages(TOM)
@@ -525,7 +525,7 @@ class HostileTests(TestCase):
 
 class OutputTests(TestCase):
     def test_burst_is_packed_within_the_limit(self) -> None:
-        """Queued messages for one member leave packed, each datagram within the limit."""
+        """Queued messages for one member leave packed, each within the limit."""
         chat = Harness(message_burst=1000.0, source_burst=1000.0)
         tom = chat.join(TOM, "tom")
         chat.join(ANN, "ann")
@@ -549,7 +549,7 @@ class OutputTests(TestCase):
         self.assertLess(len(datagrams), 15)
 
     def test_pack(self) -> None:
-        """pack keeps order, never exceeds the limit, and sends an oversize line alone."""
+        """pack keeps order, never exceeds the limit, sends an oversize line alone."""
         self.assertEqual(pack([b"aa\n", b"bb\n", b"cc\n"], 6), [b"aa\nbb\n", b"cc\n"])
         self.assertEqual(pack([b"a" * 10, b"b"], 5), [b"a" * 10, b"b"])
         self.assertEqual(pack([], 5), [])
