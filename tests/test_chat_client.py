@@ -185,7 +185,7 @@ class ClientBehaviourTests(TestCase):
         )
 
     def test_gap_older_than_history_is_reported(self) -> None:
-        """Messages no longer in the server's history are shown as a gap, then the rest."""
+        """Messages no longer in the server's history show as a gap, then the rest."""
         self.welcome()
         self.client.receive(
             b'{"type":"msg","room":"lobby","seq":5,"from":"ann","text":"five"}\n'
@@ -200,7 +200,7 @@ class ClientBehaviourTests(TestCase):
         )
 
     def test_forgotten_session_rejoins(self) -> None:
-        """A bad-token answer (server restarted, or we were evicted) starts a new join."""
+        """A bad-token answer (server restarted, or evicted) starts a new join."""
         self.welcome()
         self.client.receive(
             b'{"type":"error","re":null,"code":"bad-token","message":"x"}\n'

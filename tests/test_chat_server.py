@@ -386,7 +386,7 @@ class HostileTests(TestCase):
         self.assertNotIn(VICTIM, chat.server.sessions)
 
     def test_privileged_source_ports_are_ignored(self) -> None:
-        """Datagrams from ports below 1024 (DNS, NTP: reflection victims) are ignored."""
+        """Datagrams from ports below 1024 (DNS, NTP: victims) are ignored."""
         chat = Harness()
         chat.send("hello from port 53, padded out to be long enough", ("127.0.0.1", 53))
         self.assertEqual(chat.datagrams(("127.0.0.1", 53)), [])
