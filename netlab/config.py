@@ -720,15 +720,13 @@ class ChatSection:
     message_rate: float = setting(
         5.0,
         Number(minimum=0.01),
-        "Messages a second one member may send (say, private, nick, who), "
-        "on average.",
+        "Messages a second one member may send (say, private, nick, who), on average.",
         live=True,
     )
     message_burst: float = setting(
         20.0,
         Number(minimum=1),
-        "How many messages one member may send at once before message_rate "
-        "applies.",
+        "How many messages one member may send at once before message_rate applies.",
         live=True,
     )
     flood_strikes: int = setting(

@@ -24,6 +24,10 @@ from netlab.chat.client import ChatClient, Renderer
 from netlab.cli import Context, colour_enabled
 from netlab.errors import ConnectionFailed, RemoteError, UsageError
 
+#: Seconds between retransmissions of an unacknowledged request; the client
+#: gives up after ``[client] timeout``.
+RETRANSMIT = 0.5
+
 #: How often the client looks for requests to retransmit and keepalives due.
 TICK = 0.25
 
@@ -114,7 +118,8 @@ async def chat(context: Context) -> int:
         reactor,
         port_protocol.send,
         lambda item: lines.append(renderer.render(item)),
-        retransmit_interval=0.5,
+        retransmit_interval=RETRANSMIT,
+        max_attempts=max(2, round(context.config.client.timeout / RETRANSMIT)),
     )
     port_protocol.client = client
 
@@ -173,6 +178,9 @@ class _Terminal(LineReceiver):
     def __init__(self, client: ChatClient, finished: Deferred[int]) -> None:
         self.client = client
         self.finished = finished
+        #: Set when the reactor is stopping (Ctrl-C): the exit status is then
+        #: the interrupted one, not a normal end.
+        self.interrupted = False
 
     def print(self, line: str) -> None:
         if self.transport is not None:
@@ -202,7 +210,7 @@ class _Terminal(LineReceiver):
                 self.print(f"* {help_line}")
 
     def close(self) -> None:
-        if not self.finished.called:
+        if not self.finished.called and not self.interrupted:
             self.client.leave()
             self.finished.callback(0)
 
@@ -223,10 +231,12 @@ async def _interactive(
     for line in early_lines:
         terminal.print(line)
     client.show = lambda item: terminal.print(renderer.render(item))
-    # Ctrl-C stops the reactor; say goodbye on the way out.
-    trigger = reactor.addSystemEventTrigger("before", "shutdown", client.leave)
+
+    def interrupted() -> None:
+        # Ctrl-C stops the reactor: say goodbye on the way out.
+        terminal.interrupted = True
+        client.leave()
+
+    reactor.addSystemEventTrigger("before", "shutdown", interrupted)
     client.start()
-    try:
-        return await finished
-    finally:
-        reactor.removeSystemEventTrigger(trigger)
+    return await finished

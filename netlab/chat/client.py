@@ -155,6 +155,7 @@ class ChatClient:
         if self.token is not None:
             self._transmit({"type": "leave", "id": self.next_id})
             self.next_id += 1
+            self.token = None
         self.outstanding.clear()
 
     # ------------------------------------------------------------------
@@ -165,7 +166,7 @@ class ChatClient:
         """Retransmit what is unacknowledged, repair gaps, keep the session alive."""
         now = self.clock.seconds()
         for pending in list(self.outstanding.values()):
-            if now - pending.sent_at < self.retransmit_interval * pending.attempts:
+            if now - pending.sent_at < self.retransmit_interval:
                 continue
             if pending.attempts >= self.max_attempts:
                 self.outstanding.clear()
