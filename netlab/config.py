@@ -697,8 +697,9 @@ class ChatSection:
     )
     max_datagram: int = setting(
         1200,
-        Size(minimum=256, maximum=65507),
-        "The largest datagram accepted or sent. Larger ones are refused, never "
+        Integer(minimum=256, maximum=65507),
+        "The largest datagram accepted or sent, in bytes. Larger ones are "
+        "refused, never "
         "truncated; several queued messages for one member are packed into "
         "one datagram up to this size.",
         live=True,
