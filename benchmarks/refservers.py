@@ -45,8 +45,9 @@ def wait_for_tcp(port: int, timeout: float = 10.0) -> None:
     """Wait until something accepts TCP connections on 127.0.0.1:port."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(
-            ("127.0.0.1", port), timeout=0.5
+        with (
+            contextlib.suppress(OSError),
+            socket.create_connection(("127.0.0.1", port), timeout=0.5),
         ):
             return
         time.sleep(0.05)
@@ -103,3 +104,55 @@ def scratch(prefix: str) -> Iterator[Path]:
 
 # Each reference server below is a context manager yielding a RunningServer:
 # chronyd (time), ngircd (chat), sshd and rsyncd (file).
+
+
+# --------------------------------------------------------------------------
+# ngircd: the IRC server the chat benchmark compares fan-out with.
+# --------------------------------------------------------------------------
+
+#: The IRC operator the benchmark's sender logs in as (flood protection off).
+IRC_OPERATOR = ("bench", "bench-password")
+
+
+@contextlib.contextmanager
+def ngircd() -> Iterator[RunningServer]:
+    """Debian's ngircd on 127.0.0.1, penalties off, one operator (IRC_OPERATOR).
+
+    ``MaxPenaltyTime = 0`` turns off the per-client flood penalty that holds a
+    normal client to a few messages a second; the sender also opers and sets
+    user mode ``+F``.
+    """
+    require("ngircd")
+    port = free_port()
+    with scratch("ngircd") as directory:
+        config = directory / "ngircd.conf"
+        name, password = IRC_OPERATOR
+        config.write_text(
+            f"""[Global]
+    Name = bench.netlab.test
+    Info = netlab chat benchmark reference
+    Listen = 127.0.0.1
+    Ports = {port}
+    MotdPhrase = "benchmark"
+    PidFile = {directory}/ngircd.pid
+[Limits]
+    MaxConnections = 1000
+    MaxConnectionsIP = 1000
+    MaxJoins = 10
+    MaxNickLength = 30
+    MaxPenaltyTime = 0
+    PingTimeout = 600
+    PongTimeout = 600
+[Options]
+    DNS = no
+    Ident = no
+    PAM = no
+    OperCanUseMode = yes
+[Operator]
+    Name = {name}
+    Password = {password}
+"""
+        )
+        argv = ["ngircd", "-n", "-f", str(config)]
+        with running("ngircd", argv, port, directory) as server:
+            yield server
