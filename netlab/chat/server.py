@@ -103,6 +103,8 @@ class Room:
     history: deque[Entry]
     members: dict[Address, Session] = attrs.field(factory=dict)
     seq: int = 0
+    #: Messages not yet sent to the members (the same for all of them).
+    pending: list[Entry] = attrs.field(factory=list)
 
     def entries(self, first: int, last: int) -> list[Entry]:
         """The stored entries with ``first <= seq <= last``."""
@@ -173,6 +175,8 @@ class ChatServer:
         self.nicks: dict[str, Session] = {}
         #: Sessions with queued lines, in the order they were queued.
         self._dirty: dict[Address, Session] = {}
+        #: Rooms with messages for all their members, packed once per room.
+        self._dirty_rooms: dict[str, Room] = {}
         #: Replies to addresses without a session (each no larger than its request).
         self._direct: list[tuple[bytes, Address]] = []
         self.sources = RateLimiter(clock, 1.0, 1.0, 1)
@@ -802,6 +806,7 @@ class ChatServer:
                 entry.json_line if session.mode is Mode.JSON else entry.text_line,
             )
         session.room = room
+        self._materialize(room)
         room.members[session.address] = session
         self._broadcast(
             room,
@@ -849,14 +854,31 @@ class ChatServer:
         room.seq += 1
         entry = Entry(room.seq, json_line, text_bytes)
         room.history.append(entry)
-        for member in room.members.values():
-            self._queue(member, json_line if member.mode is Mode.JSON else text_bytes)
+        room.pending.append(entry)
+        self._dirty_rooms[room.name] = room
         self.counters.deliveries += len(room.members)
+
+    def _materialize(self, room: Room) -> None:
+        """Queue a room's pending messages to each member, before membership changes.
+
+        Room messages normally wait in ``room.pending`` and are packed once
+        for the whole room at flush time, which is what makes fan-out cheap;
+        but they belong to the members present when they were said, so a
+        join or a leave first hands them to those members one by one.
+        """
+        for entry in room.pending:
+            for member in room.members.values():
+                self._queue(
+                    member,
+                    entry.json_line if member.mode is Mode.JSON else entry.text_line,
+                )
+        room.pending.clear()
 
     def _leave_room(self, session: Session, why: str) -> None:
         room = session.room
         if room is None:
             return
+        self._materialize(room)
         room.members.pop(session.address, None)
         session.room = None
         words = {
@@ -911,17 +933,39 @@ class ChatServer:
     @property
     def pending(self) -> bool:
         """Whether :meth:`flush` has anything to send."""
-        return bool(self._dirty or self._direct)
+        return bool(self._dirty or self._direct or self._dirty_rooms)
 
     def flush(self) -> list[tuple[bytes, Address]]:
         """Everything queued, as datagrams; each member's lines packed."""
         limit = self.settings.max_datagram
         out = self._direct
         self._direct = []
+        for room in self._dirty_rooms.values():
+            if not room.pending:
+                continue
+            lines = {
+                Mode.JSON: [e.json_line for e in room.pending],
+                Mode.TEXT: [e.text_line for e in room.pending],
+            }
+            room.pending = []
+            packed: dict[Mode, list[bytes]] = {}
+            for address, member in room.members.items():
+                own = self._dirty.pop(address, None)
+                if own is not None:
+                    # Its own lines first, packed with the room's: a lock-step
+                    # client (the lessons') gets everything in one datagram.
+                    datagrams = pack(own.outbox + lines[member.mode], limit)
+                    own.outbox = []
+                else:
+                    if member.mode not in packed:
+                        packed[member.mode] = pack(lines[member.mode], limit)
+                    datagrams = packed[member.mode]
+                out.extend((datagram, address) for datagram in datagrams)
         for address, session in self._dirty.items():
             out.extend((datagram, address) for datagram in pack(session.outbox, limit))
             session.outbox = []
         self._dirty = {}
+        self._dirty_rooms = {}
         self.counters.datagrams += len(out)
         return out
 

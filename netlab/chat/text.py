@@ -54,6 +54,8 @@ def sanitise(text: str) -> str:
     Tabs become spaces; newlines are removed too, because one datagram is one
     line on the listener's screen (and text mode is line-oriented).
     """
+    if text.isascii() and text.isprintable():
+        return text.strip()  # The common case: nothing to remove.
     text = _ESCAPE_SEQUENCE.sub("", text).replace("\t", " ")
     return "".join(c for c in text if not _is_control(c)).strip()
 
