@@ -358,11 +358,11 @@ def wait_for_chat(port: int, timeout: float = 20.0) -> None:
 # --------------------------------------------------------------------------
 
 
-def run_once(kind: str, members: int, messages: int) -> dict[str, float]:
+def run_once(kind: str, members: int, messages: int, window: int) -> dict[str, float]:
     context = netlab_daemon(members) if kind == "netlab" else irc_server()
     with context as port, receivers(kind, port, members, messages) as process:
         start = (
-            send_netlab(port, messages)
+            send_netlab(port, messages, window)
             if kind == "netlab"
             else send_irc(port, messages)
         )
@@ -387,8 +387,10 @@ def irc_server() -> Iterator[int]:
         yield server.port
 
 
-def median_run(kind: str, members: int, messages: int, repeat: int) -> dict[str, float]:
-    runs = [run_once(kind, members, messages) for _ in range(repeat)]
+def median_run(
+    kind: str, members: int, messages: int, repeat: int, window: int
+) -> dict[str, float]:
+    runs = [run_once(kind, members, messages, window) for _ in range(repeat)]
     return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
 
 
@@ -398,6 +400,12 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=None)
     parser.add_argument("--rooms", default=None, help="room sizes, e.g. 20,100")
     parser.add_argument("--repeat", type=int, default=None)
+    parser.add_argument(
+        "--window",
+        type=int,
+        default=256,
+        help="netlab sender: messages in flight before an acknowledgement",
+    )
     parser.add_argument("--receive", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.receive:
@@ -420,7 +428,9 @@ def main() -> None:
         measured: dict[str, dict[str, float]] = {}
         for kind in ("netlab", "irc"):
             try:
-                measured[kind] = median_run(kind, members, messages, repeat)
+                measured[kind] = median_run(
+                    kind, members, messages, repeat, args.window
+                )
             except refservers.Unavailable as reason:
                 if not args.quick:
                     raise

@@ -763,6 +763,13 @@ class ChatSection:
         "Accept plain-text datagrams (nc -u, socat) besides JSON.",
         live=True,
     )
+    socket_buffer: int = setting(
+        4 * 1024**2,
+        Size(),
+        "Receive and send buffer sizes asked for the chat socket, so bursts "
+        "are not dropped by the kernel (Linux caps them at net.core.rmem_max "
+        "and wmem_max). 0 keeps the system default.",
+    )
 
 
 @attrs.frozen

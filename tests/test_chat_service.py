@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import errno
 import json
+import socket
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -89,6 +91,14 @@ class LoopbackTests(TestCase):
         _, port = self.start(max_datagram=20000)
         answer = await self.exchange(port, b"a" * 16000 + b"\xff")
         self.assertEqual(answer, b"! datagrams must be UTF-8 text\n")
+
+    def test_socket_buffers_are_enlarged(self) -> None:
+        """socket_buffer is asked for (up to the kernel's cap) on the chat socket."""
+        service, _ = self.start(socket_buffer=1024 * 1024)
+        handle = service.port.getHandle()  # type: ignore[union-attr]
+        cap = int(Path("/proc/sys/net/core/rmem_max").read_text())
+        received = handle.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        self.assertGreaterEqual(received, min(cap, 1024 * 1024))
 
     async def test_text_join_over_loopback(self) -> None:
         """nc-style: any text gets a code; echoing it back joins (over real sockets)."""

@@ -9,11 +9,13 @@ light each message leaves alone, at once.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import socket
 from typing import Any
 
 from twisted.internet.error import MessageLengthError
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -91,6 +93,17 @@ class ChatService(DatagramListeningService):
 
     def protocol(self) -> DatagramProtocol:
         return self.chat_protocol
+
+    def listen(self) -> IListeningPort:
+        port = super().listen()
+        size = self.config.chat.socket_buffer
+        if size:
+            handle = port.getHandle()  # type: ignore[attr-defined]
+            for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                # Best effort: the kernel caps the size; an error keeps the default.
+                with contextlib.suppress(OSError):
+                    handle.setsockopt(socket.SOL_SOCKET, option, size)
+        return port
 
     def _observe(self, name: str, fields: dict[str, Any]) -> None:
         log.info(
