@@ -675,14 +675,6 @@ class FileSection:
         "then removed (at start-up and by a periodic sweep).",
         live=True,
     )
-    stall_timeout: float = setting(
-        60.0,
-        Duration(minimum=1.0),
-        "A get or put that moves no data for this long is aborted and its "
-        "connection closed (a client that stops reading cannot hold memory "
-        "or a connection forever).",
-        live=True,
-    )
     list_page_size: int = setting(
         1000,
         Integer(minimum=1, maximum=10000),
