@@ -548,12 +548,42 @@ LOOPBACK = "127.0.0.1"
 class NetlabSection:
     """Settings shared by the whole daemon."""
 
+    # Checked when a TCP service starts, not here: the client reads this file
+    # too, and the users file is (rightly) unreadable to most client users.
     users_file: Path | None = setting(
         None,
-        FileSystemPath(),
-        "TOML file with the users allowed to authenticate and their keys "
-        "(see docs/protocol.rst). Must not be readable by group or others. "
-        "Empty: no users, so services that require authentication refuse everyone.",
+        FileSystemPath(must_exist=False),
+        "TOML file with the users allowed to authenticate and their keys, one "
+        '[users.NAME] table with key = "BASE64" each (netlab keygen writes it). '
+        "The daemon refuses to start if group or others can read it. Empty: no "
+        "users, so services that require authentication refuse everyone.",
+        live=True,
+    )
+    auth_failure_delay: float = setting(
+        1.0,
+        Duration(maximum=60.0),
+        "How long the server waits before answering a failed authentication "
+        "(slows down guessing).",
+        live=True,
+    )
+    auth_max_failures: int = setting(
+        5,
+        Integer(minimum=1),
+        "Authentication failures from one address within auth_failure_window "
+        "that lock the address out.",
+        live=True,
+    )
+    auth_failure_window: float = setting(
+        60.0,
+        Duration(minimum=1.0),
+        "The window in which auth_max_failures failures lock an address out.",
+        live=True,
+    )
+    auth_lockout: float = setting(
+        300.0,
+        Duration(minimum=1.0),
+        "How long a locked-out address is refused (every TCP service counts "
+        "its own failures).",
         live=True,
     )
     log_format: str = setting(
@@ -599,6 +629,57 @@ class TLSSection:
     )
 
 
+# The keys every framed TCP service section has (file, command): declared
+# once here, instantiated in each section.
+
+
+def max_frame_size_setting() -> Any:
+    return setting(
+        2 * 1024 * 1024,
+        Size(minimum=64 * 1024, maximum=2**31),
+        "The largest frame (message or data chunk) a client may send; a larger "
+        "length prefix closes the connection before any of it is read.",
+        live=True,
+    )
+
+
+def handshake_timeout_setting() -> Any:
+    return setting(
+        10.0,
+        Duration(minimum=0.1),
+        "A client must finish hello and authentication within this time.",
+        live=True,
+    )
+
+
+def idle_timeout_setting() -> Any:
+    return setting(
+        300.0,
+        Duration(minimum=0.1),
+        "A session with no frame in either direction for this long is closed.",
+        live=True,
+    )
+
+
+def max_connections_setting() -> Any:
+    return setting(
+        100,
+        Integer(minimum=1),
+        "Connections the service accepts at once; more are told "
+        "too-many-connections and closed.",
+        live=True,
+    )
+
+
+def max_connections_per_address_setting() -> Any:
+    return setting(
+        10,
+        Integer(minimum=1),
+        "Connections one client address may hold at once.",
+        live=True,
+    )
+
+
 @attrs.frozen
 class FileSection:
     """The file service: list, get and put files below a root directory."""
@@ -609,6 +690,11 @@ class FileSection:
         StreamEndpoint(),
         "Where the file service listens.",
     )
+    max_frame_size: int = max_frame_size_setting()
+    handshake_timeout: float = handshake_timeout_setting()
+    idle_timeout: float = idle_timeout_setting()
+    max_connections: int = max_connections_setting()
+    max_connections_per_address: int = max_connections_per_address_setting()
     root: Path | None = setting(
         None,
         FileSystemPath(directory=True),
@@ -697,6 +783,11 @@ class CommandSection:
         StreamEndpoint(),
         "Where the command service listens.",
     )
+    max_frame_size: int = max_frame_size_setting()
+    handshake_timeout: float = handshake_timeout_setting()
+    idle_timeout: float = idle_timeout_setting()
+    max_connections: int = max_connections_setting()
+    max_connections_per_address: int = max_connections_per_address_setting()
 
 
 @attrs.frozen
@@ -737,6 +828,21 @@ class ClientSection:
         10.0,
         Duration(minimum=0.1),
         "How long the client waits to connect, and for each answer.",
+    )
+    user: str = setting(
+        "",
+        Text(
+            r"([A-Za-z0-9_][A-Za-z0-9_.\-]{0,63})?",
+            "a user name (letters, digits, _ . -)",
+        ),
+        "The user the client authenticates as (--user overrides it). Empty: "
+        "connect anonymously, which only services that allow it accept.",
+    )
+    key_file: Path | None = setting(
+        None,
+        FileSystemPath(must_exist=False),
+        "The file holding the user's key (netlab keygen writes it; mode 0600). "
+        "$NETLAB_KEY_FILE overrides it.",
     )
 
 
