@@ -134,7 +134,9 @@ class ChunkWorker:
         self.range_hash = hashlib.sha256()
         self.whole_hash = hashlib.sha256() if prefix else None
         self.error: OSError | None = None
-        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[bytes | memoryview | object] = (
+            queue.SimpleQueue()
+        )
         self._lock = threading.Lock()
         self._backlog = 0
         self._waiting = False
@@ -151,7 +153,7 @@ class ChunkWorker:
         with self._lock:
             return self._backlog
 
-    def submit(self, chunk: bytes) -> bool:
+    def submit(self, chunk: bytes | memoryview) -> bool:
         """Queue ``chunk``; True when the caller should pause its source."""
         with self._lock:
             self._backlog += len(chunk)
@@ -213,7 +215,7 @@ class ChunkWorker:
             item = self._queue.get()
             if item is _STOP:
                 break
-            assert isinstance(item, bytes)
+            assert isinstance(item, bytes | memoryview)
             if self.error is None:
                 try:
                     self._process(item)
@@ -238,7 +240,7 @@ class ChunkWorker:
             self.whole_hash.update(block)
             position += len(block)
 
-    def _process(self, chunk: bytes) -> None:
+    def _process(self, chunk: bytes | memoryview) -> None:
         self.range_hash.update(chunk)
         if self.whole_hash is not None:
             self.whole_hash.update(chunk)
