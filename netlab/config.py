@@ -705,6 +705,71 @@ class FileSection:
         doc_default="the files directory in state_directory (created if missing)",
         example="/srv/netlab",
     )
+    anonymous: str = setting(
+        "no",
+        Choice(("no", "read", "write")),
+        'Whether clients that did not authenticate may use the service: "no" '
+        '(authentication required), "read" (ls, stat and get) or "write" '
+        "(everything). A warning is logged when anonymous access is open on a "
+        "non-loopback address.",
+        live=True,
+    )
+    read_only_users: tuple[str, ...] = setting(
+        (),
+        TextList(),
+        "Authenticated users who may only list, stat and get (put, rm and mkdir "
+        "are refused).",
+        live=True,
+    )
+    max_file_size: int = setting(
+        0,
+        Size(),
+        "The largest file a put may store; 0 means no limit other than quota "
+        "and free space.",
+        live=True,
+    )
+    quota: int = setting(
+        0,
+        Size(),
+        "The most bytes all files below root may use together; 0 means no quota. "
+        "Usage is measured at start-up and every sweep, and kept up to date "
+        "by puts and removals in between.",
+        live=True,
+    )
+    min_free_space: int = setting(
+        64 * 1024 * 1024,
+        Size(),
+        "A put is refused if it would leave less than this much free space on "
+        "the file system holding root.",
+        live=True,
+    )
+    overwrite: str = setting(
+        "with-force",
+        Choice(("with-force", "never", "always")),
+        'Whether a put may replace an existing file: "with-force" (only when '
+        'the client asks, netlab put --force), "never", or "always".',
+        live=True,
+    )
+    chunk_size: int = setting(
+        256 * 1024,
+        Size(minimum=4096, maximum=4 * 1024 * 1024),
+        "Bytes of file data per data frame. Larger frames cost fewer "
+        "per-frame overheads; the default suits loopback and LAN.",
+        live=True,
+    )
+    partial_expiry: float = setting(
+        86400.0,
+        Duration(minimum=1.0),
+        "An interrupted upload's partial file is kept this long for a resume, "
+        "then removed (at start-up and by a periodic sweep).",
+        live=True,
+    )
+    list_page_size: int = setting(
+        1000,
+        Integer(minimum=1, maximum=10000),
+        "The most entries one ls reply carries; larger directories are paged.",
+        live=True,
+    )
 
 
 @attrs.frozen
