@@ -332,3 +332,38 @@ class TLSEndToEndTests(TestCase):
         self.assertEqual(len(wrong.stderr.strip().splitlines()), 1, wrong.stderr)
         self.assertIn("does not name 127.0.0.1", wrong.stderr)
         self.assertNotIn("Traceback", daemon.log)
+
+
+class StartupErrorTests(TestCase):
+    """Unsafe users files and incomplete TLS settings stop start-up with one line."""
+
+    def test_group_readable_users_file(self) -> None:
+        """twistd refuses a group-readable users file, naming the fix."""
+        directory = temporary_directory(self)
+        config = daemon_config(directory)
+        (directory / "users.toml").chmod(0o640)
+        daemon = Daemon(self, config)
+        self.assertNotEqual(daemon.finish(), 0)
+        errors = [line for line in daemon.output if "chmod 600" in line]
+        self.assertTrue(errors, daemon.log)
+        self.assertIn("users_file", errors[0])
+        self.assertNotIn("Traceback", daemon.log)
+
+    def test_ssl_without_certificate(self) -> None:
+        """An ssl: endpoint without [tls] certificate is a config error (exit 3)."""
+        import subprocess
+
+        from tests.support import TWISTD
+
+        directory = temporary_directory(self)
+        config = daemon_config(directory, endpoint="ssl:0:interface=127.0.0.1")
+        result = subprocess.run(
+            [*TWISTD, "netlab", "--config", str(config), "--check"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        self.assertEqual(result.returncode, 3, result.stdout + result.stderr)
+        self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
+        self.assertIn("[tls] certificate", result.stderr)
