@@ -493,7 +493,15 @@ class ServerSession:
         application, self.application = self.application, None
         self._enter_closed()
         if application is not None:
-            application.connection_lost(reason)
+            try:
+                application.connection_lost(reason)
+            except Exception:
+                log.failure(
+                    "{service} application failed to clean up after {peer}",
+                    event="session.application.failed",
+                    service=self.policy.service,
+                    peer=self.peer,
+                )
 
     def frame_received(self, payload: bytes) -> None:
         if self.state in (State.CLOSED, State.FAILING):

@@ -119,6 +119,18 @@ class HandshakeTests(SessionTestCase):
         self.assertEqual(messages[0]["path"], "x")
         self.assertFalse(client.closed)
 
+    def test_application_bug(self) -> None:
+        """An unexpected exception is logged once and answered with internal-error."""
+        client = self.ready_client()
+        other = self.ready_client()
+        with capturedLogs() as events:
+            client.send(control("crash"))
+        self.assertClosedWith(client, "internal-error")
+        [event] = [e for e in events if e.get("event") == "session.application.failed"]
+        self.assertIsNotNone(event.get("log_failure"))
+        other.send(control("echo"))
+        self.assertEqual(other.received()[0]["op"], "echoed")
+
     def test_ping_pong(self) -> None:
         """ping is answered with pong carrying the same id."""
         client = self.ready_client()
