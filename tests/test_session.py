@@ -128,6 +128,7 @@ class HandshakeTests(SessionTestCase):
         self.assertClosedWith(client, "internal-error")
         [event] = [e for e in events if e.get("event") == "session.application.failed"]
         self.assertIsNotNone(event.get("log_failure"))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         other.send(control("echo"))
         self.assertEqual(other.received()[0]["op"], "echoed")
 
