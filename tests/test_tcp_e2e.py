@@ -367,3 +367,34 @@ class StartupErrorTests(TestCase):
         self.assertEqual(result.returncode, 3, result.stdout + result.stderr)
         self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
         self.assertIn("[tls] certificate", result.stderr)
+
+
+class ClientExitCodeTests(TestCase):
+    """The netlab command turns authentication problems into one line and a code."""
+
+    def test_wrong_key_and_missing_key(self) -> None:
+        """A wrong key exits 5; a user without a key file exits 3; one line each."""
+        directory = temporary_directory(self)
+        daemon = Daemon(self, daemon_config(directory))
+        _, port = daemon.wait_listening(1)["file"]
+        wrong_key = directory / "wrong.key"
+        write_private(wrong_key, encode_key(bytes(32)) + "\n")
+        client_config = directory / "client.toml"
+        client_config.write_text(f'[file]\nendpoint = "tcp:{port}"\n')
+        env = {"NETLAB_KEY_FILE": str(wrong_key)}
+        wrong = run_netlab(
+            "--config", str(client_config), "--user", "alice", "ls", env=env
+        )
+        self.assertEqual(wrong.returncode, 5, wrong.stderr)
+        self.assertEqual(len(wrong.stderr.strip().splitlines()), 1, wrong.stderr)
+        self.assertIn("auth-failed", wrong.stderr)
+        missing = run_netlab(
+            "--config",
+            str(client_config),
+            "--user",
+            "alice",
+            "ls",
+            env={"NETLAB_KEY_FILE": ""},
+        )
+        self.assertEqual(missing.returncode, 3, missing.stderr)
+        self.assertIn("key_file", missing.stderr)
