@@ -17,6 +17,7 @@ from netlab.config import SERVICE_TRANSPORTS, NetlabConfig, load
 from netlab.errors import ConfigError, ExitCode
 from netlab.logs import NetlabLogObserver, open_destination
 from netlab.service import NetlabService, ServiceStartError, check_available
+from netlab.tcpservice import check_tls_files
 
 
 class Options(usage.Options):
@@ -58,6 +59,7 @@ def load_daemon_config(path: str | None) -> NetlabConfig:
     """Load the daemon's configuration and check every enabled service exists."""
     config = load(path)
     check_available(config)
+    check_tls_files(config)
     return config
 
 
