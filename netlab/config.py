@@ -922,6 +922,14 @@ class ChatSection:
         "Accept plain-text datagrams (nc -u, socat) besides JSON.",
         live=True,
     )
+    require_authentication: bool = setting(
+        False,
+        Boolean(),
+        "Only users of [netlab] users_file may join: the JSON join carries an "
+        "HMAC-SHA256 proof of the user's key and the server proves its own. "
+        "Text mode cannot authenticate, so it is refused while this is on.",
+        live=True,
+    )
     socket_buffer: int = setting(
         4 * 1024**2,
         Size(),

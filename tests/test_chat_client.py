@@ -8,6 +8,7 @@ the server's order.
 
 from __future__ import annotations
 
+import base64
 import heapq
 import json
 import random
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
+from netlab.auth import Users
 from netlab.chat.client import ChatClient, Renderer, Shown
 from netlab.chat.server import Address, ChatServer
 from tests.chat_support import SECRET, settings
@@ -242,3 +244,57 @@ class RendererTests(TestCase):
         self.assertEqual(
             renderer.render(Shown("event", "tom left")), "\x1b[2m* tom left\x1b[0m"
         )
+
+
+class AuthenticationTests(TestCase):
+    KEY = b"a" * 32
+
+    def client_and_server(
+        self, key: bytes
+    ) -> tuple[ChatClient, list[str], LossyNetwork]:
+        clock = Clock()
+        server = ChatServer(settings(require_authentication=True), clock, secret=SECRET)
+        server.verifier.users = Users({"alice": self.KEY})
+        network = LossyNetwork(server, clock, 0)
+        failures: list[str] = []
+        client = network.add_client(("127.0.0.1", 5001), "al", [])
+        client.identity = ("alice", key)
+        client.on_failure = lambda code, message: failures.append(code)
+        client.start()
+        network.run(3)
+        return client, failures, network
+
+    def test_mutual_proof(self) -> None:
+        """With the right key the client joins and accepts the server's proof."""
+        client, failures, _ = self.client_and_server(self.KEY)
+        self.assertTrue(client.joined)
+        self.assertEqual(failures, [])
+
+    def test_wrong_key_fails_authentication(self) -> None:
+        """With the wrong key the join fails with auth-failed, not a retry loop."""
+        client, failures, _ = self.client_and_server(b"b" * 32)
+        self.assertFalse(client.joined)
+        self.assertEqual(failures, ["auth-failed"])
+        self.assertEqual(client.outstanding, {})
+
+    def test_wrong_server_proof_is_refused(self) -> None:
+        """A welcome whose proof does not match our key is an impostor: refused."""
+        sent: list[bytes] = []
+        failures: list[str] = []
+        client = ChatClient(
+            "al", "lobby", Clock(), sent.append, lambda item: None,
+            identity=("alice", self.KEY),
+        )  # fmt: skip
+        client.on_failure = lambda code, message: failures.append(code)
+        client.start()
+        client.receive(b'{"type":"cookie","cookie":"ABCDEFGHIJKLMNOP"}\n')
+        self.assertIn(b'"proof"', sent[-1])
+        bogus = base64.b64encode(b"x" * 32).decode()
+        client.receive(
+            json.dumps(
+                {"type": "welcome", "re": 1, "token": "T", "nick": "al",
+                 "room": "lobby", "from": 1, "seq": 0, "proof": bogus}
+            ).encode()
+        )  # fmt: skip
+        self.assertEqual(failures, ["auth-server"])
+        self.assertFalse(client.joined)

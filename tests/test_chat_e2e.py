@@ -19,6 +19,7 @@ from pathlib import Path
 
 from twisted.trial.unittest import TestCase
 
+from netlab.auth import add_user, encode_key, generate_key, write_private
 from tests.support import Daemon, run_netlab, temporary_directory, write_config
 
 CHAT_ONLY = """
@@ -173,3 +174,33 @@ class EndToEndTests(TestCase):
             )  # fmt: skip
         self.assertEqual(result.returncode, 4)
         self.assertIn("stopped answering", result.stderr)
+
+
+class AuthenticatedEndToEndTests(TestCase):
+    def test_users_file_authentication(self) -> None:
+        """With require_authentication a keyed user joins; a wrong key exits 5."""
+        directory = temporary_directory(self)
+        users_file, key_file = directory / "users.toml", directory / "alice.key"
+        key = generate_key()
+        add_user(users_file, "alice", key, replace=False)
+        write_private(key_file, encode_key(key) + "\n")
+        config = write_config(
+            directory,
+            CHAT_ONLY.replace("[chat]", "[chat]\nrequire_authentication = true")
+            + f'user = "alice"\nkey_file = "{key_file}"\n'
+            + f'[netlab]\nusers_file = "{users_file}"\n'
+            + f'state_directory = "{directory / "state"}"\n',
+        )
+        daemon = Daemon(self, config)
+        port = daemon.wait_listening(1)["chat"][1]
+        self.addCleanup(daemon.stop)
+        arguments = ("chat", "--port", str(port), "--nick", "al", "--send", "hi")
+        good = run_netlab("--config", str(config), *arguments)
+        self.assertEqual((good.returncode, good.stderr), (0, ""))
+        wrong_key = directory / "wrong.key"
+        write_private(wrong_key, encode_key(generate_key()) + "\n")
+        bad = run_netlab(
+            "--config", str(config), *arguments, env={"NETLAB_KEY_FILE": str(wrong_key)}
+        )
+        self.assertEqual(bad.returncode, 5, bad.stderr)
+        self.assertIn("authentication failed", bad.stderr)

@@ -6,10 +6,12 @@ answer and for another member still being served.
 
 from __future__ import annotations
 
+import base64
 import json
 
 from twisted.trial.unittest import TestCase
 
+from netlab.auth import Users, client_proof, server_proof
 from netlab.chat.server import COOKIE_WINDOW, pack
 from tests.chat_support import Harness, settings
 
@@ -226,6 +228,13 @@ class TextModeTests(TestCase):
         chat.send("/leave", ANN)
         self.assertEqual(chat.lines(ANN), ["* bye"])
         self.assertNotIn(ANN, chat.server.sessions)
+
+    def test_non_ascii_first_line(self) -> None:
+        """A first line in any script is answered with the code like any other."""
+        chat = Harness()
+        chat.send("你好 有人在吗 héllo wörld, anyone here?", ANN)
+        (reply,) = chat.lines(ANN)
+        self.assertIn("send back this code", reply)
 
     def test_text_mode_off(self) -> None:
         """With text_mode = false plain datagrams are ignored, JSON still works."""
@@ -564,3 +573,56 @@ class OutputTests(TestCase):
         self.assertEqual(len(chat.server.rooms["lobby"].history), 2)
         self.assertIn("news", chat.server.rooms)
         self.assertIn(TOM, chat.server.sessions)
+
+
+class AuthenticationTests(TestCase):
+    KEY = b"k" * 32
+
+    def setUp(self) -> None:
+        self.chat = Harness(require_authentication=True)
+        self.chat.server.verifier.users = Users({"alice": self.KEY})
+
+    def join(self, **fields: object) -> dict[str, object]:
+        request = {"type": "join", "nick": "al", "id": 1, "pad": "x" * 200}
+        self.chat.send(request, TOM)
+        cookie = str(self.chat.messages(TOM)[0]["cookie"])
+        request.update(cookie=cookie, **fields)
+        if "proof" not in fields and "user" in fields:
+            nonce = b"n" * 32
+            proof = client_proof(self.KEY, cookie.encode(), nonce, str(fields["user"]))
+            request["nonce"] = base64.b64encode(nonce).decode()
+            request["proof"] = base64.b64encode(proof).decode()
+        self.chat.send(request, TOM)
+        self.cookie = cookie
+        return self.chat.messages(TOM)[0]
+
+    def test_join_without_proof_is_refused(self) -> None:
+        """With require_authentication, a join without user and proof is refused."""
+        reply = self.join()
+        self.assertEqual(reply["code"], "auth-required")
+        self.assertIn("key_file", str(reply["message"]))
+        self.assertEqual(self.chat.server.sessions, {})
+
+    def test_wrong_key_and_unknown_user_are_refused_alike(self) -> None:
+        """A proof with the wrong key, or for an unknown user, fails the same way."""
+        nonce = base64.b64encode(b"n" * 32).decode()
+        for user in ("alice", "mallory"):
+            wrong = base64.b64encode(client_proof(b"w" * 32, b"c", b"n", user))
+            reply = self.join(user=user, nonce=nonce, proof=wrong.decode())
+            self.assertEqual(reply["code"], "auth-failed", user)
+        self.assertEqual(self.chat.server.sessions, {})
+
+    def test_good_proof_gets_the_servers_proof(self) -> None:
+        """A good proof joins, and the welcome proves the server has the key too."""
+        reply = self.join(user="alice")
+        self.assertEqual(reply["type"], "welcome")
+        expected = server_proof(self.KEY, self.cookie.encode(), b"n" * 32, "alice")
+        self.assertEqual(base64.b64decode(str(reply["proof"])), expected)
+        self.assertEqual(reply["user"], "alice")
+
+    def test_text_mode_is_refused(self) -> None:
+        """Text mode cannot authenticate: it is told so, within the request's size."""
+        self.chat.send("hello, can I join this chat without a key, please?", ANN)
+        (reply,) = self.chat.lines(ANN)
+        self.assertEqual(reply, "! authentication required: use netlab chat")
+        self.assertEqual(self.chat.server.sessions, {})

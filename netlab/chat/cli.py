@@ -22,7 +22,13 @@ from twisted.protocols.basic import LineReceiver
 
 from netlab.chat.client import ChatClient, Renderer
 from netlab.cli import Context, colour_enabled
-from netlab.errors import ConnectionFailed, RemoteError, UsageError
+from netlab.client import resolve_identity
+from netlab.errors import (
+    AuthenticationFailed,
+    ConnectionFailed,
+    RemoteError,
+    UsageError,
+)
 
 #: Seconds between retransmissions of an unacknowledged request; the client
 #: gives up after ``[client] timeout``.
@@ -98,6 +104,14 @@ def server_address(context: Context) -> tuple[str, int]:
     return context.server, int(port)
 
 
+def _identity(context: Context) -> tuple[str, bytes] | None:
+    """The user and key to authenticate with (``--user``, ``[client]``), if any."""
+    identity = resolve_identity(context.config, context.args.user)
+    if identity.user is None or identity.key is None:
+        return None
+    return identity.user, identity.key
+
+
 async def chat(context: Context) -> int:
     reactor = context.reactor
     host, port = server_address(context)
@@ -120,16 +134,19 @@ async def chat(context: Context) -> int:
         lambda item: lines.append(renderer.render(item)),
         retransmit_interval=RETRANSMIT,
         max_attempts=max(2, round(context.config.client.timeout / RETRANSMIT)),
+        identity=_identity(context),
     )
     port_protocol.client = client
 
     def fail(code: str, message: str) -> None:
         if not finished.called:
-            error = (
-                ConnectionFailed(message)
-                if code == "timeout"
-                else RemoteError(code, message)
-            )
+            error: Exception
+            if code == "timeout":
+                error = ConnectionFailed(message)
+            elif code.startswith("auth-"):
+                error = AuthenticationFailed(message)
+            else:
+                error = RemoteError(code, message)
             finished.errback(error)
 
     client.on_failure = fail

@@ -20,13 +20,17 @@ colour per nickname when colour is wanted.
 
 from __future__ import annotations
 
+import base64
+import hmac
 import json
+import secrets
 import zlib
 from collections.abc import Callable
 from typing import Any
 
 import attrs
 
+from netlab.auth import NONCE_SIZE, client_proof, server_proof
 from netlab.chat.server import Clock
 from netlab.chat.text import sanitise
 
@@ -71,11 +75,15 @@ class ChatClient:
         *,
         retransmit_interval: float = 1.0,
         max_attempts: int = 8,
+        identity: tuple[str, bytes] | None = None,
     ) -> None:
         self.nick, self.room = nick, room
         self.clock, self.send, self.show = clock, send, show
         self.retransmit_interval = retransmit_interval
         self.max_attempts = max_attempts
+        #: (user, key) to authenticate with, or None.
+        self.identity = identity
+        self.nonce = b""
         self.token: str | None = None
         self.cookie: str | None = None
         self.keepalive = 20.0
@@ -116,6 +124,12 @@ class ChatClient:
         if body["type"] == "join" and self.token is None:
             if self.cookie is not None:
                 body["cookie"] = self.cookie
+                if self.identity is not None:
+                    user, key = self.identity
+                    proof = client_proof(key, self.cookie.encode(), self.nonce, user)
+                    body["user"] = user
+                    body["nonce"] = base64.b64encode(self.nonce).decode()
+                    body["proof"] = base64.b64encode(proof).decode()
             size = len(_encode(body))
             if size < JOIN_PADDING:
                 body["pad"] = "." * (JOIN_PADDING - size - 10)
@@ -127,6 +141,9 @@ class ChatClient:
     def start(self) -> int:
         """Begin joining ``room`` as ``nick``; returns the join's message id."""
         self.token = self.cookie = None
+        # One client nonce per join, so a retransmitted join (answered with
+        # the same welcome) checks against the same server proof.
+        self.nonce = secrets.token_bytes(NONCE_SIZE)
         self.expected = None
         self.early.clear()
         self._join_id = self._request(
@@ -246,7 +263,31 @@ class ChatClient:
         elif kind == "error":
             self._error(message)
 
+    def _server_proven(self, message: dict[str, Any]) -> bool:
+        """Whether the welcome proves the server knows our key (if we have one)."""
+        if self.identity is None or self.token is not None:
+            return True
+        if "proof" not in message:
+            # The server does not authenticate anyone: nothing to prove.
+            self.show(Shown("event", "this chat server does not authenticate users"))
+            return True
+        user, key = self.identity
+        expected = server_proof(key, str(self.cookie).encode(), self.nonce, user)
+        try:
+            received = base64.b64decode(str(message.get("proof")), validate=True)
+        except ValueError:
+            return False
+        return hmac.compare_digest(expected, received)
+
     def _welcome(self, message: dict[str, Any]) -> None:
+        if not self._server_proven(message):
+            self.outstanding.clear()
+            self.on_failure(
+                "auth-server",
+                "the chat server's proof of your key is wrong: it may be an "
+                "impostor; check --server and the users file",
+            )
+            return
         self.outstanding.pop(message.get("re"), None)  # type: ignore[arg-type]
         self.token = str(message.get("token"))
         self.nick = _clean(message.get("nick"))

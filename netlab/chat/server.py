@@ -41,6 +41,7 @@ from typing import Any, Protocol
 
 import attrs
 
+from netlab.auth import Verifier
 from netlab.chat.text import NickError, check_nick, check_room, fold_nick, sanitise
 from netlab.ratelimit import RateLimiter, Verdict
 
@@ -128,6 +129,9 @@ class Session:
     folded: str | None = None
     room: Room | None = None
     strikes: int = 0
+    #: The authenticated user and the server's proof for it (JSON mode).
+    user: str | None = None
+    server_proof: bytes | None = None
     acks: OrderedDict[int, bytes] = attrs.field(factory=OrderedDict)
     outbox: list[bytes] = attrs.field(factory=list)
 
@@ -179,6 +183,8 @@ class ChatServer:
         self._dirty_rooms: dict[str, Room] = {}
         #: Replies to addresses without a session (each no larger than its request).
         self._direct: list[tuple[bytes, Address]] = []
+        #: Checks join proofs; the service fills in its users.
+        self.verifier = Verifier()
         self.sources = RateLimiter(clock, 1.0, 1.0, 1)
         self.members = RateLimiter(clock, 1.0, 1.0, 1)
         #: Called with (event name, fields) for things worth logging.
@@ -238,6 +244,8 @@ class ChatServer:
     def cookie_valid(self, address: Address, value: str, length: int) -> bool:
         window = int(self.clock.seconds() // COOKIE_WINDOW)
         value = value.strip().upper()
+        if not value.isascii():  # compare_digest refuses non-ASCII str
+            return False
         return any(
             hmac.compare_digest(value, self.cookie(address, length, w))
             for w in (window, window - 1)
@@ -430,8 +438,10 @@ class ChatServer:
             if session is not None:
                 # The same address joining afresh: a restarted client.
                 self._remove(session, "leave")
+            user, proof = self._authenticate(request, cookie)
             new = self._create_session(address, Mode.JSON)
             new.token = secrets.token_urlsafe(12)
+            new.user, new.server_proof = user, proof
             try:
                 self._set_nick(new, nick)
                 self._enter(new, room, message_id)
@@ -453,6 +463,42 @@ class ChatServer:
                     address,
                 )
             )
+
+    def _authenticate(
+        self, request: dict[str, Any], cookie: str
+    ) -> tuple[str | None, bytes | None]:
+        """Check a join's proof when authentication is required.
+
+        The server's nonce is the join cookie: the client could not have it
+        without receiving at its address, and it changes every window.  The
+        client adds its own random nonce, so the server's proof is fresh.
+        """
+        if not self.settings.require_authentication:
+            return None, None
+        user, nonce, proof = (request.get(k) for k in ("user", "nonce", "proof"))
+        if not all(isinstance(v, str) for v in (user, nonce, proof)):
+            raise Refusal(
+                "auth-required",
+                "this chat requires authentication: set [client] user and "
+                "key_file (netlab keygen creates them)",
+            )
+        assert isinstance(user, str) and isinstance(nonce, str)
+        assert isinstance(proof, str)
+        try:
+            client_nonce = base64.b64decode(nonce, validate=True)
+            client_proof = base64.b64decode(proof, validate=True)
+        except ValueError:
+            raise Refusal("bad-request", "nonce and proof must be base64") from None
+        server_proof = self.verifier.verify(
+            user, cookie.encode("ascii"), client_nonce, client_proof
+        )
+        if server_proof is None:
+            self.observe("chat.auth.failed", {"nick": user, "address": None})
+            raise Refusal(
+                "auth-failed",
+                "authentication failed: check [client] user and key_file",
+            )
+        return user, server_proof
 
     def _json_say(self, session: Session, request: dict[str, Any]) -> bytes:
         text = self._message_text(request.get("text"))
@@ -568,6 +614,11 @@ class ChatServer:
     ) -> None:
         line = text.strip("\r\n")
         lesson_nick, lesson_text = _split_lesson_form(line)
+        if session is None and self.settings.require_authentication:
+            self._reply_unverified(
+                text_line("! authentication required: use netlab chat"), address, size
+            )
+            return
         if session is None:
             proof = lesson_text if lesson_nick is not None else line
             if not self.cookie_valid(address, proof, 6):
@@ -782,19 +833,21 @@ class ChatServer:
             self._leave_room(session, "leave")
         first = room.history[0].seq if room.history else room.seq + 1
         if session.mode is Mode.JSON:
-            welcome = encode(
-                {
-                    "type": "welcome",
-                    "re": message_id,
-                    "token": session.token,
-                    "nick": session.nick,
-                    "room": room.name,
-                    "from": first,
-                    "seq": room.seq,
-                    "keepalive": self.keepalive_interval,
-                    "max_datagram": self.settings.max_datagram,
-                }
-            )
+            fields: dict[str, Any] = {
+                "type": "welcome",
+                "re": message_id,
+                "token": session.token,
+                "nick": session.nick,
+                "room": room.name,
+                "from": first,
+                "seq": room.seq,
+                "keepalive": self.keepalive_interval,
+                "max_datagram": self.settings.max_datagram,
+            }
+            if session.server_proof is not None:
+                fields["user"] = session.user
+                fields["proof"] = base64.b64encode(session.server_proof).decode()
+            welcome = encode(fields)
             if isinstance(message_id, int):
                 session.acks[message_id] = welcome
         else:

@@ -20,9 +20,15 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from netlab.auth import KeyFileError
 from netlab.chat.server import Address, ChatServer
 from netlab.config import NetlabConfig
-from netlab.service import DatagramListeningService, INetlabService
+from netlab.service import (
+    DatagramListeningService,
+    INetlabService,
+    ServiceStartError,
+)
+from netlab.tcpservice import load_users_for
 
 log = Logger(namespace="netlab.chat")
 
@@ -94,6 +100,24 @@ class ChatService(DatagramListeningService):
     def protocol(self) -> DatagramProtocol:
         return self.chat_protocol
 
+    def _load_users(self, config: NetlabConfig) -> None:
+        """Take the users file's users (raises KeyFileError)."""
+        self.server.verifier.users = load_users_for(config)
+
+    def privilegedStartService(self) -> None:
+        if self.config.chat.require_authentication:
+            try:
+                self._load_users(self.config)
+            except KeyFileError as error:
+                raise ServiceStartError(f"[netlab] users_file: {error}") from None
+            if not self.server.verifier.users:
+                log.warn(
+                    "chat requires authentication but has no users, so it refuses "
+                    "every join; create one with netlab keygen",
+                    event="netlab.users.none",
+                )
+        super().privilegedStartService()
+
     def listen(self) -> IListeningPort:
         port = super().listen()
         size = self.config.chat.socket_buffer
@@ -131,6 +155,15 @@ class ChatService(DatagramListeningService):
         return super().stopService()
 
     def apply(self, config: NetlabConfig) -> None:
+        if config.chat.require_authentication:
+            try:
+                self._load_users(config)
+            except KeyFileError as error:
+                log.warn(
+                    "reload: keeping the previous chat users: {reason}",
+                    event="netlab.users.reload_failed",
+                    reason=str(error),
+                )
         self.server.apply(config.chat)
         if self._sweeper.running:
             self._sweeper.interval = self._sweep_interval(config)
