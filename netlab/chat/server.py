@@ -145,11 +145,13 @@ class Refusal(Exception):
         self.message = message
 
 
+#: One encoder for every line: json.dumps with options builds a new one per call.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
 def encode(message: dict[str, Any]) -> bytes:
     """One JSON line (compact, UTF-8, newline-terminated)."""
-    return (
-        json.dumps(message, ensure_ascii=False, separators=(",", ":")) + "\n"
-    ).encode("utf-8")
+    return (_ENCODER.encode(message) + "\n").encode("utf-8")
 
 
 def text_line(text: str) -> bytes:
