@@ -164,6 +164,26 @@ class ClientBehaviourTests(TestCase):
         self.client.receive(b'{"type":"cookie","cookie":"ABC"}\n')
         self.assertEqual(self.sent[1]["cookie"], "ABC")
 
+    def test_typed_while_joining_goes_out_after_the_welcome(self) -> None:
+        """A message typed before the welcome waits (no token yet), then is sent."""
+        self.client.start()
+        self.client.say("early words")
+        self.assertEqual([m["type"] for m in self.sent], ["join"])
+        for _ in range(3):
+            self.clock.advance(1)
+            self.client.tick()
+        self.client.receive(
+            b'{"type":"error","re":2,"code":"bad-token","message":"join first"}\n'
+        )
+        self.assertIn(2, self.client.outstanding)
+        self.client.receive(
+            b'{"type":"welcome","re":1,"token":"T","nick":"tom","room":"lobby",'
+            b'"from":1,"seq":0}\n'
+        )
+        self.assertEqual(
+            self.sent[-1], {"type": "say", "text": "early words", "id": 2, "token": "T"}
+        )
+
     def test_gives_up_when_the_server_is_silent(self) -> None:
         """Unanswered requests are retransmitted, then the failure is reported."""
         failures: list[str] = []

@@ -135,6 +135,8 @@ class ChatClient:
                 body["pad"] = "." * (JOIN_PADDING - size - 10)
         elif self.token is not None:
             body["token"] = self.token
+        else:
+            return  # Not joined yet: sent once the welcome brings a token.
         self.last_sent = self.clock.seconds()
         self.send(_encode(body))
 
@@ -185,6 +187,8 @@ class ChatClient:
         for pending in list(self.outstanding.values()):
             if now - pending.sent_at < self.retransmit_interval:
                 continue
+            if self.token is None and pending.request["type"] != "join":
+                continue  # Waits for the join; not a failed attempt.
             if pending.attempts >= self.max_attempts:
                 self.outstanding.clear()
                 self.on_failure(
@@ -303,6 +307,11 @@ class ChatClient:
         for seq in [s for s in self.early if s < self.expected]:
             del self.early[seq]
         self.show(Shown("event", f"you are {self.nick} in {self.room}"))
+        now = self.clock.seconds()
+        for pending in self.outstanding.values():
+            # What was typed while joining goes out now.
+            pending.sent_at = now
+            self._transmit(pending.request)
         self._deliver()
         self.on_welcome()
 
@@ -384,12 +393,15 @@ class ChatClient:
         code = str(message.get("code"))
         text = _clean(message.get("message"))
         message_id = message.get("re")
+        if code == "bad-token":
+            if self.token is not None:
+                # Our session is gone (evicted while away, or the server restarted).
+                self.show(
+                    Shown("event", "the server forgot this session; joining again")
+                )
+                self.start()
+            return  # Requests stay outstanding and go out again once welcomed.
         pending = self.outstanding.pop(message_id, None)  # type: ignore[arg-type]
-        if code == "bad-token" and self.token is not None:
-            # Our session is gone (evicted while away, or the server restarted).
-            self.show(Shown("event", "the server forgot this session; joining again"))
-            self.start()
-            return
         if (
             pending is not None
             and pending.request["type"] == "join"
