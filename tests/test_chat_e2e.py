@@ -40,8 +40,8 @@ class ChatProcess:
     def __init__(self, testcase: TestCase, config: Path, port: int, nick: str) -> None:
         environment = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "netlab", "--config", str(config), "chat",
-             "--nick", nick, "--port", str(port)],
+            [sys.executable, "-m", "netlab", "--config", str(config),
+             "--server", f"127.0.0.1:{port}", "chat", "--nick", nick],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             env=environment,
         )  # fmt: skip
@@ -63,8 +63,15 @@ class ChatProcess:
     def wait_for(self, expected: str, timeout: float = 15.0) -> None:
         deadline = time.monotonic() + timeout
         while expected not in self.lines:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no line {expected!r}; got {self.lines!r}")
+            if self.process.poll() is not None:
+                self.reader.join(5)  # Everything it printed, then one last look.
+                if expected in self.lines:
+                    return
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise AssertionError(
+                    f"no line {expected!r}; got {self.lines!r} "
+                    f"(exit status {self.process.poll()})"
+                )
             time.sleep(0.05)
 
     def end_input(self, timeout: float = 15.0) -> int:
@@ -143,8 +150,8 @@ class EndToEndTests(TestCase):
             self.assertIn("* tom joined lobby", say(code))
             self.assertEqual(say("hi"), "[lobby] tom: hi\n")
             result = run_netlab(
-                "--config", str(self.config), "chat", "--port", str(self.port),
-                "--nick", "scripter", "--send", "hello tom",
+                "--config", str(self.config), "--server", f"127.0.0.1:{self.port}",
+                "chat", "--nick", "scripter", "--send", "hello tom",
             )  # fmt: skip
             self.assertEqual((result.returncode, result.stderr), (0, ""))
             heard = ""
@@ -157,7 +164,7 @@ class EndToEndTests(TestCase):
         ann = ChatProcess(self, self.config, self.port, "ann")
         ann.wait_for("* you are ann in lobby")
         result = run_netlab(
-            "--config", str(self.config), "chat", "--port", str(self.port),
+            "--config", str(self.config), "--server", f"127.0.0.1:{self.port}", "chat",
             "--nick", "ANN", "--send", "hello",
         )  # fmt: skip
         self.assertEqual(result.returncode, 6)
@@ -169,7 +176,7 @@ class EndToEndTests(TestCase):
             unused.bind(("127.0.0.1", 0))
             port = unused.getsockname()[1]
             result = run_netlab(
-                "--config", str(self.config), "chat", "--port", str(port),
+                "--config", str(self.config), "--server", f"127.0.0.1:{port}", "chat",
                 "--nick", "ann", "--send", "hello",
             )  # fmt: skip
         self.assertEqual(result.returncode, 4)
@@ -194,7 +201,15 @@ class AuthenticatedEndToEndTests(TestCase):
         daemon = Daemon(self, config)
         port = daemon.wait_listening(1)["chat"][1]
         self.addCleanup(daemon.stop)
-        arguments = ("chat", "--port", str(port), "--nick", "al", "--send", "hi")
+        arguments = (
+            "--server",
+            f"127.0.0.1:{port}",
+            "chat",
+            "--nick",
+            "al",
+            "--send",
+            "hi",
+        )
         good = run_netlab("--config", str(config), *arguments)
         self.assertEqual((good.returncode, good.stderr), (0, ""))
         wrong_key = directory / "wrong.key"

@@ -22,12 +22,11 @@ from twisted.protocols.basic import LineReceiver
 
 from netlab.chat.client import ChatClient, Renderer
 from netlab.cli import Context, colour_enabled
-from netlab.client import resolve_identity
+from netlab.client import resolve_identity, service_address
 from netlab.errors import (
     AuthenticationFailed,
     ConnectionFailed,
     RemoteError,
-    UsageError,
 )
 
 #: Seconds between retransmissions of an unacknowledged request; the client
@@ -57,12 +56,6 @@ def register(subparsers: Any) -> None:
         "--nick", default=None, help="nickname (default: your user name)"
     )
     parser.add_argument(
-        "--port",
-        type=int,
-        default=None,
-        help="chat port (default: from [chat] endpoint)",
-    )
-    parser.add_argument(
         "--send",
         metavar="TEXT",
         default=None,
@@ -90,20 +83,6 @@ class _ClientPort(DatagramProtocol):
                 pass  # Lost like any datagram; the retransmission covers it.
 
 
-def server_address(context: Context) -> tuple[str, int]:
-    """The chat service's host and port from the command line and configuration."""
-    port = context.args.port
-    if port is None:
-        address = context.config.listen_address("chat")
-        port = address.port
-        if not port:
-            raise UsageError(
-                "the [chat] endpoint in the configuration names no fixed port; "
-                "pass --port"
-            )
-    return context.server, int(port)
-
-
 def _identity(context: Context) -> tuple[str, bytes] | None:
     """The user and key to authenticate with (``--user``, ``[client]``), if any."""
     identity = resolve_identity(context.config, context.args.user)
@@ -114,7 +93,7 @@ def _identity(context: Context) -> tuple[str, bytes] | None:
 
 async def chat(context: Context) -> int:
     reactor = context.reactor
-    host, port = server_address(context)
+    host, port, _ = service_address(context.config, "chat", context.args.server)
     try:
         ip = await reactor.resolve(host)
     except Exception:
