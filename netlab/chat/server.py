@@ -144,6 +144,17 @@ class Refusal(Exception):
         self.code = code
         self.message = message
 
+    def line(self, message_id: object) -> bytes:
+        """The JSON error line answering request ``message_id``."""
+        return encode(
+            {
+                "type": "error",
+                "re": message_id,
+                "code": self.code,
+                "message": self.message,
+            }
+        )
+
 
 #: One encoder for every line: json.dumps with options builds a new one per call.
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
@@ -313,7 +324,7 @@ class ChatServer:
     ) -> None:
         """Tell the sender what was wrong, within the amplification rule."""
         if (session is None and json_mode) or (session and session.mode is Mode.JSON):
-            line = encode({"type": "error", "re": re, "code": code, "message": message})
+            line = Refusal(code, message).line(re)
         else:
             line = text_line(f"! {message}")
         if session is not None:
@@ -392,14 +403,7 @@ class ChatServer:
                 self._check_rate(session)
             reply = handler(self, session, request)
         except Refusal as refusal:
-            reply = encode(
-                {
-                    "type": "error",
-                    "re": message_id,
-                    "code": refusal.code,
-                    "message": refusal.message,
-                }
-            )
+            reply = refusal.line(message_id)
         if reply is None:
             return
         if message_id is not None and kind in ("say", "private", "nick", "who"):
@@ -429,6 +433,7 @@ class ChatServer:
             session is not None
             and message_id is not None
             and message_id in session.acks
+            and request.get("nick") == session.nick
         ):
             # The welcome was lost and the join retransmitted.
             self._queue(session, session.acks[message_id])
@@ -452,19 +457,7 @@ class ChatServer:
                 raise
         except Refusal as refusal:
             # The cookie proved the address receives, so a full reply is fine.
-            self._direct.append(
-                (
-                    encode(
-                        {
-                            "type": "error",
-                            "re": message_id,
-                            "code": refusal.code,
-                            "message": refusal.message,
-                        }
-                    ),
-                    address,
-                )
-            )
+            self._direct.append((refusal.line(message_id), address))
 
     def _authenticate(
         self, request: dict[str, Any], cookie: str
