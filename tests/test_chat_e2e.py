@@ -124,6 +124,17 @@ class EndToEndTests(TestCase):
         self.assertEqual(clients["bob"].end_input(), 0)
         self.assertEqual(clients["cid"].end_input(), 0)
 
+    def test_stop_logs_the_counters(self) -> None:
+        """SIGTERM stops the daemon cleanly and the chat service logs what it did."""
+        run_netlab(
+            "--config", str(self.config), "--server", f"127.0.0.1:{self.port}",
+            "chat", "--nick", "ann", "--send", "hello",
+        )  # fmt: skip
+        # twistd re-raises SIGTERM on itself after a clean shutdown.
+        self.assertIn(self.daemon.stop(), (0, -signal.SIGTERM))
+        line = self.daemon.wait_for("chat service stopping")
+        self.assertRegex(line, r"[1-9]\d* deliveries, 0 send errors")
+
     def test_ctrl_c_leaves_cleanly(self) -> None:
         """Ctrl-C (SIGINT) sends a leave before exiting with status 130."""
         ann = ChatProcess(self, self.config, self.port, "ann")

@@ -14,6 +14,7 @@ import errno
 import socket
 from typing import Any
 
+import attrs
 from twisted.internet.error import MessageLengthError
 from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.internet.protocol import DatagramProtocol
@@ -152,6 +153,14 @@ class ChatService(DatagramListeningService):
     def stopService(self) -> Any:
         if self._sweeper.running:
             self._sweeper.stop()
+        log.info(
+            "chat service stopping: {received} datagrams in, {datagrams} out, "
+            "{deliveries} deliveries, {send_errors} send errors, "
+            "{source_limited} over a source limit, {dropped_members} members "
+            "dropped for flooding, {evicted_members} evicted",
+            event="chat.stopped",
+            **attrs.asdict(self.server.counters),
+        )
         return super().stopService()
 
     def apply(self, config: NetlabConfig) -> None:
