@@ -167,9 +167,13 @@ def _inherited(name: str, socket_type: socket.SocketKind) -> tuple[int, socket.s
             "daemon through it"
         )
     descriptor = descriptors[name]
+    duplicate = -1
     try:
-        sock = socket.socket(fileno=os.dup(descriptor))
+        duplicate = os.dup(descriptor)
+        sock = socket.socket(fileno=duplicate)
     except OSError as error:
+        if duplicate >= 0:
+            os.close(duplicate)
         raise ActivationError(
             f"systemd socket {name!r} (descriptor {descriptor}) is not usable: "
             f"{error.strerror}; check {_UNIT_SETTING[socket_type]} in the .socket unit"
