@@ -1,0 +1,210 @@
+"""Tests for the deployment files: the systemd units in etc/systemd and the
+plugin-cache step that keeps a read-only installation's logs clean.
+
+``systemd-analyze verify`` checks the units as systemd would load them, with
+``/opt/netlab/bin`` replaced by the bin directory of the Python running the
+tests (verify insists that the programs exist).  The socket units are checked
+against the configuration schema: one unit per service, named sockets of the
+service's transport, and the endpoint their comment tells operators to write
+is a valid configuration.
+"""
+
+from __future__ import annotations
+
+import configparser
+import errno
+import io
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from twisted.python.filepath import FilePath
+from twisted.trial.unittest import SkipTest, TestCase
+
+import twisted.plugins
+from netlab import plugincache
+from netlab.config import SERVICE_TRANSPORTS, from_mapping, parse_listen_address
+from tests.support import temporary_directory
+
+UNITS = Path(__file__).resolve().parent.parent / "etc" / "systemd"
+SERVICE_UNIT = UNITS / "netlab.service"
+
+
+def socket_units() -> dict[str, Path]:
+    return {
+        service: UNITS / f"netlab-{service}.socket" for service in SERVICE_TRANSPORTS
+    }
+
+
+def read_unit(path: Path) -> configparser.ConfigParser:
+    """A unit file's settings (the last value wins for repeated keys)."""
+    parser = configparser.ConfigParser(
+        strict=False, interpolation=None, comment_prefixes=("#", ";")
+    )
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read(path)
+    return parser
+
+
+def installed_units(testcase: TestCase) -> Path:
+    """The units copied to a temporary directory, pointing at this Python's bin."""
+    directory = temporary_directory(testcase)
+    bin_directory = str(Path(sys.executable).parent) + "/"
+    for unit in UNITS.iterdir():
+        text = unit.read_text().replace("/opt/netlab/bin/", bin_directory)
+        (directory / unit.name).write_text(text)
+    return directory
+
+
+def systemd_analyze(*args: str) -> subprocess.CompletedProcess[str]:
+    if shutil.which("systemd-analyze") is None:
+        raise SkipTest("systemd-analyze is not installed (Debian package systemd)")
+    return subprocess.run(
+        ["systemd-analyze", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+class UnitVerifyTests(TestCase):
+    """systemd itself accepts the units."""
+
+    def test_systemd_analyze_verify(self) -> None:
+        """``systemd-analyze verify`` loads the service and every socket unit
+        without an error or a warning (an unknown key is only a warning)."""
+        directory = installed_units(self)
+        units = [str(directory / "netlab.service")]
+        units += [str(directory / p.name) for p in socket_units().values()]
+        result = systemd_analyze("verify", "--man=no", *units)
+        self.assertEqual(
+            (result.returncode, result.stdout + result.stderr), (0, ""), units
+        )
+
+    def test_hardening_exposure(self) -> None:
+        """``systemd-analyze security`` rates the service's exposure at most
+        2.0 of 10 (it is 1.7 as shipped), so hardening cannot quietly erode."""
+        directory = installed_units(self)
+        result = systemd_analyze(
+            "security",
+            "--offline=yes",
+            "--threshold=20",
+            "--no-pager",
+            str(directory / "netlab.service"),
+        )
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+
+
+class UnitContentTests(TestCase):
+    """The units agree with the daemon and its configuration schema."""
+
+    def test_service_runs_twistd_in_the_foreground_with_notify(self) -> None:
+        """Type=notify needs the notifying process to be the main one: twistd
+        runs with --nodaemon, reads /etc/netlab, and SIGHUP reloads."""
+        service = read_unit(SERVICE_UNIT)["Service"]
+        self.assertEqual(service["Type"], "notify")
+        self.assertEqual(
+            service["ExecStart"],
+            "/opt/netlab/bin/twistd --nodaemon --pidfile= netlab "
+            "--config /etc/netlab/netlab.toml",
+        )
+        self.assertEqual(service["ExecReload"], "/bin/kill -HUP $MAINPID")
+        self.assertEqual(
+            service["ExecStartPre"], "+/opt/netlab/bin/python -m netlab.plugincache"
+        )
+        self.assertEqual(service["CapabilityBoundingSet"], "")
+
+    def test_one_named_socket_unit_per_service(self) -> None:
+        """Each service has a socket unit whose socket carries the service's
+        transport and the name ``netlab-SERVICE``, activating netlab.service."""
+        for service, path in socket_units().items():
+            with self.subTest(service=service):
+                section = read_unit(path)["Socket"]
+                self.assertEqual(section["FileDescriptorName"], f"netlab-{service}")
+                self.assertEqual(section["Service"], "netlab.service")
+                wanted = (
+                    "ListenStream"
+                    if SERVICE_TRANSPORTS[service] == "tcp"
+                    else ("ListenDatagram")
+                )
+                listens = [key for key in section if key.startswith("Listen")]
+                self.assertEqual(listens, [wanted])
+
+    def test_socket_addresses_are_the_default_ones(self) -> None:
+        """A socket unit listens where the service listens by default, so
+        switching to socket activation does not move a service."""
+        defaults = from_mapping({}, base_directory=UNITS)
+        for service, path in socket_units().items():
+            with self.subTest(service=service):
+                section = read_unit(path)["Socket"]
+                listen = next(v for k, v in section.items() if k.startswith("Listen"))
+                address = defaults.listen_address(service)
+                self.assertEqual(listen, f"{address.interface}:{address.port}")
+
+    def test_documented_endpoint_is_valid_and_matches(self) -> None:
+        """The endpoint each socket unit's comment gives is accepted by the
+        configuration and names that unit's socket."""
+        for service, path in socket_units().items():
+            with self.subTest(service=service):
+                match = re.search(r'^#\s+endpoint = "(.+)"$', path.read_text(), re.M)
+                assert match is not None, f"{path.name} documents no endpoint"
+                config = from_mapping(
+                    {service: {"endpoint": match.group(1)}}, base_directory=UNITS
+                )
+                address = parse_listen_address(
+                    config.section(service).endpoint, ("systemd",)
+                )
+                self.assertEqual(address.name, f"netlab-{service}")
+
+
+class PluginCacheTests(TestCase):
+    """``python -m netlab.plugincache`` leaves nothing for twistd to write."""
+
+    def test_refresh_succeeds(self) -> None:
+        """Run as the installation's owner, it finds netlab and exits 0."""
+        result = subprocess.run(
+            [sys.executable, "-m", "netlab.plugincache"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=temporary_directory(self),
+            check=False,
+        )
+        self.assertEqual((result.returncode, result.stderr), (0, ""))
+        self.assertIn("up to date", result.stdout)
+        names, problems = plugincache.refresh()
+        self.assertIn("netlab", names)
+        self.assertEqual(problems, [])
+
+    def test_unwritable_cache_reported(self) -> None:
+        """When a stale cache cannot be rewritten (a read-only installation),
+        it fails and says where and what to do, instead of leaving twistd to
+        log the failure at every start."""
+        directory = next(
+            FilePath(path)
+            for path in twisted.plugins.__path__
+            if FilePath(path).child("netlab_plugin.py").exists()
+        )
+        cache = directory.child("dropin.cache")
+        if cache.exists():
+            cache.remove()
+        self.addCleanup(plugincache.refresh)
+
+        def read_only(self: FilePath, content: bytes, ext: bytes = b".new") -> None:
+            raise OSError(errno.EROFS, "Read-only file system")
+
+        self.patch(FilePath, "setContent", read_only)
+        stderr = self.capture_stderr()
+        self.assertEqual(plugincache.main(), 1)
+        self.assertIn(
+            f"Unable to write to plugin cache {cache.path}", stderr.getvalue()
+        )
+        self.assertIn("run this as the owner of the installation", stderr.getvalue())
+
+    def capture_stderr(self) -> io.StringIO:
+        stream = io.StringIO()
+        self.patch(sys, "stderr", stream)
+        return stream
