@@ -1,4 +1,5 @@
-"""Tests for the deployment files: the systemd units in etc/systemd and the
+"""Tests for the deployment files: the systemd units in etc/systemd, the service
+user in etc/sysusers.d, and the
 plugin-cache step that keeps a read-only installation's logs clean.
 
 ``systemd-analyze verify`` checks the units as systemd would load them, with
@@ -28,8 +29,10 @@ from netlab import plugincache
 from netlab.config import SERVICE_TRANSPORTS, from_mapping, parse_listen_address
 from tests.support import temporary_directory
 
-UNITS = Path(__file__).resolve().parent.parent / "etc" / "systemd"
+ETC = Path(__file__).resolve().parent.parent / "etc"
+UNITS = ETC / "systemd"
 SERVICE_UNIT = UNITS / "netlab.service"
+SYSUSERS = ETC / "sysusers.d" / "netlab.conf"
 
 
 def socket_units() -> dict[str, Path]:
@@ -58,11 +61,12 @@ def installed_units(testcase: TestCase) -> Path:
     return directory
 
 
-def systemd_analyze(*args: str) -> subprocess.CompletedProcess[str]:
-    if shutil.which("systemd-analyze") is None:
-        raise SkipTest("systemd-analyze is not installed (Debian package systemd)")
+def systemd_tool(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run a program of Debian's systemd package (skip the test without it)."""
+    if shutil.which(args[0]) is None:
+        raise SkipTest(f"{args[0]} is not installed (Debian package systemd)")
     return subprocess.run(
-        ["systemd-analyze", *args],
+        list(args),
         capture_output=True,
         text=True,
         timeout=60,
@@ -79,7 +83,7 @@ class UnitVerifyTests(TestCase):
         directory = installed_units(self)
         units = [str(directory / "netlab.service")]
         units += [str(directory / p.name) for p in socket_units().values()]
-        result = systemd_analyze("verify", "--man=no", *units)
+        result = systemd_tool("systemd-analyze", "verify", "--man=no", *units)
         self.assertEqual(
             (result.returncode, result.stdout + result.stderr), (0, ""), units
         )
@@ -88,7 +92,8 @@ class UnitVerifyTests(TestCase):
         """``systemd-analyze security`` rates the service's exposure at most
         2.0 of 10 (it is 1.7 as shipped), so hardening cannot quietly erode."""
         directory = installed_units(self)
-        result = systemd_analyze(
+        result = systemd_tool(
+            "systemd-analyze",
             "security",
             "--offline=yes",
             "--threshold=20",
@@ -96,6 +101,17 @@ class UnitVerifyTests(TestCase):
             str(directory / "netlab.service"),
         )
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+
+    def test_sysusers_file_creates_the_service_user(self) -> None:
+        """``systemd-sysusers`` accepts the shipped file, which creates the
+        user and group the service runs as (a dry run: nothing is written)."""
+        result = systemd_tool("systemd-sysusers", "--dry-run", str(SYSUSERS))
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertNotIn("ignoring", result.stderr)
+        service = read_unit(SERVICE_UNIT)["Service"]
+        [line] = [x for x in SYSUSERS.read_text().splitlines() if x.startswith("u ")]
+        self.assertEqual(line.split()[1], service["User"])
+        self.assertEqual(service["User"], service["Group"])
 
 
 class UnitContentTests(TestCase):
