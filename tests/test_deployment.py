@@ -1,6 +1,6 @@
 """Tests for the deployment files: the systemd units in etc/systemd, the service
-user in etc/sysusers.d, and the
-plugin-cache step that keeps a read-only installation's logs clean.
+user in etc/sysusers.d, and the plugin-cache step that keeps a read-only
+installation's logs clean.
 
 ``systemd-analyze verify`` checks the units as systemd would load them, with
 ``/opt/netlab/bin`` replaced by the bin directory of the Python running the
