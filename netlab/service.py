@@ -31,7 +31,12 @@ from zope.interface import Attribute, implementer
 from netlab.config import NetlabConfig, split_endpoint
 from netlab.errors import ConfigError
 from netlab.logs import NetlabLogObserver
-from netlab.systemd import ActivationError, adopt_datagram_socket, check_stream_socket
+from netlab.systemd import (
+    ActivationError,
+    adopt_datagram_socket,
+    check_stream_socket,
+    inherited_descriptor,
+)
 
 log = Logger(namespace="netlab")
 
@@ -73,6 +78,15 @@ def changed_restart_keys(old: Any, new: Any, section: str) -> list[str]:
         for info in keys(section)
         if not info.live and getattr(old, info.name) != getattr(new, info.name)
     ]
+
+
+def systemd_descriptor(name: str) -> int:
+    """The descriptor systemd passed under ``name`` (for services that share
+    one inherited socket with helper processes)."""
+    try:
+        return inherited_descriptor(name)
+    except ActivationError as error:
+        raise ServiceStartError(str(error)) from None
 
 
 @implementer(INetlabService)

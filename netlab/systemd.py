@@ -156,8 +156,8 @@ def inherited_descriptors() -> dict[str, int]:
     return named
 
 
-def _inherited(name: str, socket_type: socket.SocketKind) -> tuple[int, socket.socket]:
-    """The descriptor named ``name`` and a checked duplicate of it as a socket."""
+def inherited_descriptor(name: str) -> int:
+    """The descriptor systemd passed under ``name``."""
     descriptors = inherited_descriptors()
     if name not in descriptors:
         passed = ", ".join(repr(n) for n in sorted(descriptors)) or "none"
@@ -166,7 +166,12 @@ def _inherited(name: str, socket_type: socket.SocketKind) -> tuple[int, socket.s
             f"set FileDescriptorName={name} in the .socket unit and start the "
             "daemon through it"
         )
-    descriptor = descriptors[name]
+    return descriptors[name]
+
+
+def _inherited(name: str, socket_type: socket.SocketKind) -> tuple[int, socket.socket]:
+    """The descriptor named ``name`` and a checked duplicate of it as a socket."""
+    descriptor = inherited_descriptor(name)
     duplicate = -1
     try:
         duplicate = os.dup(descriptor)

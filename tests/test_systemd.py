@@ -33,6 +33,7 @@ from netlab.service import (
     DatagramListeningService,
     ServiceStartError,
     StreamListeningService,
+    systemd_descriptor,
 )
 from netlab.systemd import (
     Notifier,
@@ -480,3 +481,21 @@ class AdoptStreamTests(TestCase):
         self.assertStartError(
             "systemd:domain=INET:name=netlab-file", "write domain=INET6"
         )
+
+
+class SystemdDescriptorTests(TestCase):
+    """``systemd_descriptor``: the raw descriptor, for services that hand one
+    inherited socket to helper processes as well."""
+
+    def test_named_descriptor(self) -> None:
+        """The descriptor passed under the name is returned, left open."""
+        fds = inherit(self, {"a": bound(socket.AF_INET, socket.SOCK_DGRAM)})
+        self.assertEqual(systemd_descriptor("a"), fds["a"])
+        self.assertTrue(is_open(fds["a"]))
+
+    def test_missing_name(self) -> None:
+        """An unknown name is a ServiceStartError that names the unit setting."""
+        inherit(self, {"a": bound(socket.AF_INET, socket.SOCK_DGRAM)})
+        with self.assertRaises(ServiceStartError) as caught:
+            systemd_descriptor("b")
+        self.assertIn("FileDescriptorName=b", str(caught.exception))
