@@ -263,7 +263,7 @@ def _escape(path: str) -> str:
 SERVICE_BUILDERS: dict[str, str | None] = {
     "file": None,
     "command": None,
-    "time": None,
+    "time": "netlab.timeservice:build",
     "chat": None,
 }
 
