@@ -1,4 +1,4 @@
-"""Tests for netlab.timeproto: timestamps and eras, NTP packets, classification, text."""
+"""Tests for netlab.timeproto: timestamps, eras, NTP packets, classification, text."""
 
 from __future__ import annotations
 
