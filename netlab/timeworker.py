@@ -54,12 +54,18 @@ class ParentWatch:
 
     def doRead(self) -> None:
         if not os.read(0, 4096):
-            self.reactor.removeReader(self)
-            log.info("daemon gone, worker stopping", event="time.worker.orphaned")
-            self.reactor.stop()
+            self.orphaned()
 
     def connectionLost(self, reason: object) -> None:
-        """Nothing to release: descriptor 0 is closed with the process."""
+        # epoll reports a pipe whose writer closed as a hang-up, which Twisted
+        # turns into connectionLost instead of a read of zero bytes.
+        self.orphaned()
+
+    def orphaned(self) -> None:
+        self.reactor.removeReader(self)
+        if self.reactor.running:
+            log.info("daemon gone, worker stopping", event="time.worker.orphaned")
+            self.reactor.stop()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
