@@ -63,7 +63,7 @@ class RealClientTests(TestCase):
         sk.settimeout(5)
         self.addCleanup(sk.close)
         for _ in range(3):
-            sk.sendto("time".encode("utf-8"), ("127.0.0.1", self.port))
+            sk.sendto(b"time", ("127.0.0.1", self.port))
             ret, addr = sk.recvfrom(1024)
             self.assertEqual(addr, ("127.0.0.1", self.port))
             shown = ret.decode("utf-8")
@@ -253,8 +253,10 @@ def alive(pid: int) -> bool:
 class WorkerTests(TestCase):
     def setUp(self) -> None:
         self.daemon, self.port, self.config = start(self, "workers = 3\nrate = 0\n")
-        self.daemon.wait_for(r"time worker 2 answering on 127\.0\.0\.1:%d" % self.port)
-        self.daemon.wait_for(r"time worker 1 answering on 127\.0\.0\.1:%d" % self.port)
+        for index in (1, 2):
+            self.daemon.wait_for(
+                rf"time worker {index} answering on 127\.0\.0\.1:{self.port}"
+            )
         self.workers = children(self.daemon.process.pid)
         self.assertEqual(len(self.workers), 2)
 
