@@ -244,7 +244,7 @@ def _escape(path: str) -> str:
 SERVICE_BUILDERS: dict[str, str | None] = {
     "file": None,
     "command": None,
-    "time": None,
+    "time": "netlab.timeservice:build",
     "chat": None,
 }
 
