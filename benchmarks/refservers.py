@@ -103,3 +103,139 @@ def scratch(prefix: str) -> Iterator[Path]:
 
 # Each reference server below is a context manager yielding a RunningServer:
 # chronyd (time), ngircd (chat), sshd and rsyncd (file).
+
+
+# --------------------------------------------------------------------------
+# File transfer: sshd (scp, sftp) and an rsync daemon.
+# --------------------------------------------------------------------------
+
+#: The account scp/sftp log in as: a plain /bin/sh login, so that no shell
+#: start-up (pyenv, conda ...) is timed along with the transfer.
+BENCH_USER = "netlab-bench"
+
+
+def ensure_bench_user() -> None:
+    """Create :data:`BENCH_USER` (no password, /bin/sh) unless it exists."""
+    import pwd
+
+    try:
+        pwd.getpwnam(BENCH_USER)
+    except KeyError:
+        pass
+    else:
+        return
+    require("useradd")
+    subprocess.run(
+        [
+            "useradd",
+            "--system",
+            "--shell",
+            "/bin/sh",
+            "--home-dir",
+            "/nonexistent",
+            "--no-create-home",
+            BENCH_USER,
+        ],
+        check=True,
+        capture_output=True,
+    )
+
+
+@attrs.define
+class SSHServer:
+    """A running sshd plus what a client needs to log in to it."""
+
+    server: RunningServer
+    client_config: Path
+
+    def command(self, program: str, *arguments: str) -> list[str]:
+        """``scp``/``sftp``/``ssh`` with the options that reach this server."""
+        port_flag = "-p" if program == "ssh" else "-P"
+        return [
+            program,
+            "-F",
+            str(self.client_config),
+            port_flag,
+            str(self.server.port),
+            *arguments,
+        ]
+
+    @property
+    def target(self) -> str:
+        return f"{BENCH_USER}@127.0.0.1"
+
+
+@contextlib.contextmanager
+def sshd(ciphers: str | None = None) -> Iterator[SSHServer]:
+    """sshd on a free loopback port, key auth for :data:`BENCH_USER`.
+
+    ``ciphers`` (e.g. ``"aes128-gcm@openssh.com"``) restricts what the client
+    offers.  sshd must start as root (it changes to the user after login).
+    """
+    require("sshd", "ssh-keygen", "scp", "sftp")
+    ensure_bench_user()
+    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+    with scratch("sshd") as directory:
+        directory.chmod(0o755)
+        host_key = directory / "host_key"
+        client_key = directory / "client_key"
+        for key in (host_key, client_key):
+            subprocess.run(
+                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
+                check=True,
+            )
+        authorized = directory / "authorized_keys"
+        authorized.write_text((directory / "client_key.pub").read_text())
+        authorized.chmod(0o644)
+        port = free_port()
+        config = directory / "sshd_config"
+        config.write_text(
+            f"Port {port}\nListenAddress 127.0.0.1\nHostKey {host_key}\n"
+            f"AuthorizedKeysFile {authorized}\nStrictModes no\nUsePAM yes\n"
+            f"PasswordAuthentication no\nKbdInteractiveAuthentication no\n"
+            f"PidFile {directory / 'sshd.pid'}\n"
+            "Subsystem sftp internal-sftp\n"
+        )
+        client_config = directory / "ssh_config"
+        client_config.write_text(
+            f"Host *\n  IdentityFile {client_key}\n  StrictHostKeyChecking no\n"
+            "  UserKnownHostsFile /dev/null\n  BatchMode yes\n  LogLevel ERROR\n"
+            + (f"  Ciphers {ciphers}\n" if ciphers else "")
+        )
+        with running(
+            "sshd",
+            [shutil.which("sshd") or "sshd", "-D", "-e", "-f", str(config)],
+            port,
+            directory,
+        ) as server:
+            yield SSHServer(server, client_config)
+
+
+@contextlib.contextmanager
+def rsyncd(module_path: Path, *, read_only: bool = True) -> Iterator[RunningServer]:
+    """An rsync daemon on a free loopback port serving ``module_path`` as ``data``."""
+    require("rsync")
+    with scratch("rsyncd") as directory:
+        port = free_port()
+        config = directory / "rsyncd.conf"
+        config.write_text(
+            "use chroot = no\n"
+            f"pid file = {directory / 'rsyncd.pid'}\n"
+            "[data]\n"
+            f"  path = {module_path}\n"
+            f"  read only = {'yes' if read_only else 'no'}\n"
+            "  uid = root\n  gid = root\n"
+        )
+        argv = [
+            "rsync",
+            "--daemon",
+            "--no-detach",
+            "--address",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--config",
+            str(config),
+        ]
+        with running("rsyncd", argv, port, directory) as server:
+            yield server

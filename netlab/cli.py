@@ -24,7 +24,7 @@ from netlab.config import NetlabConfig, client_config_path, load
 from netlab.errors import ExitCode, NetlabError
 
 #: Modules that add subcommands, in the order ``--help`` lists them.
-COMMAND_MODULES: list[str] = ["netlab.configcli", "netlab.timecli"]
+COMMAND_MODULES: list[str] = ["netlab.configcli", "netlab.filecli", "netlab.timecli"]
 
 
 @attrs.frozen

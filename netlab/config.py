@@ -552,12 +552,42 @@ LOOPBACK = "127.0.0.1"
 class NetlabSection:
     """Settings shared by the whole daemon."""
 
+    # Checked when a TCP service starts, not here: the client reads this file
+    # too, and the users file is (rightly) unreadable to most client users.
     users_file: Path | None = setting(
         None,
-        FileSystemPath(),
-        "TOML file with the users allowed to authenticate and their keys "
-        "(see docs/protocol.rst). Must not be readable by group or others. "
-        "Empty: no users, so services that require authentication refuse everyone.",
+        FileSystemPath(must_exist=False),
+        "TOML file with the users allowed to authenticate and their keys, one "
+        '[users.NAME] table with key = "BASE64" each (netlab keygen writes it). '
+        "The daemon refuses to start if group or others can read it. Empty: no "
+        "users, so services that require authentication refuse everyone.",
+        live=True,
+    )
+    auth_failure_delay: float = setting(
+        1.0,
+        Duration(maximum=60.0),
+        "How long the server waits before answering a failed authentication "
+        "(slows down guessing).",
+        live=True,
+    )
+    auth_max_failures: int = setting(
+        5,
+        Integer(minimum=1),
+        "Authentication failures from one address within auth_failure_window "
+        "that lock the address out.",
+        live=True,
+    )
+    auth_failure_window: float = setting(
+        60.0,
+        Duration(minimum=1.0),
+        "The window in which auth_max_failures failures lock an address out.",
+        live=True,
+    )
+    auth_lockout: float = setting(
+        300.0,
+        Duration(minimum=1.0),
+        "How long a locked-out address is refused (every TCP service counts "
+        "its own failures).",
         live=True,
     )
     log_format: str = setting(
@@ -603,6 +633,57 @@ class TLSSection:
     )
 
 
+# The keys every framed TCP service section has (file, command): declared
+# once here, instantiated in each section.
+
+
+def max_frame_size_setting() -> Any:
+    return setting(
+        2 * 1024 * 1024,
+        Size(minimum=64 * 1024, maximum=2**31),
+        "The largest frame (message or data chunk) a client may send; a larger "
+        "length prefix closes the connection before any of it is read.",
+        live=True,
+    )
+
+
+def handshake_timeout_setting() -> Any:
+    return setting(
+        10.0,
+        Duration(minimum=0.1),
+        "A client must finish hello and authentication within this time.",
+        live=True,
+    )
+
+
+def idle_timeout_setting() -> Any:
+    return setting(
+        300.0,
+        Duration(minimum=0.1),
+        "A session with no frame in either direction for this long is closed.",
+        live=True,
+    )
+
+
+def max_connections_setting() -> Any:
+    return setting(
+        100,
+        Integer(minimum=1),
+        "Connections the service accepts at once; more are told "
+        "too-many-connections and closed.",
+        live=True,
+    )
+
+
+def max_connections_per_address_setting() -> Any:
+    return setting(
+        10,
+        Integer(minimum=1),
+        "Connections one client address may hold at once.",
+        live=True,
+    )
+
+
 @attrs.frozen
 class FileSection:
     """The file service: list, get and put files below a root directory."""
@@ -613,12 +694,82 @@ class FileSection:
         StreamEndpoint(),
         "Where the file service listens.",
     )
+    max_frame_size: int = max_frame_size_setting()
+    handshake_timeout: float = handshake_timeout_setting()
+    idle_timeout: float = idle_timeout_setting()
+    max_connections: int = max_connections_setting()
+    max_connections_per_address: int = max_connections_per_address_setting()
     root: Path | None = setting(
         None,
         FileSystemPath(directory=True),
         "The directory the file service serves; clients cannot reach outside it.",
         doc_default="the files directory in state_directory (created if missing)",
         example="/srv/netlab",
+    )
+    anonymous: str = setting(
+        "no",
+        Choice(("no", "read", "write")),
+        'Whether clients that did not authenticate may use the service: "no" '
+        '(authentication required), "read" (ls, stat and get) or "write" '
+        "(everything). A warning is logged when anonymous access is open on a "
+        "non-loopback address.",
+        live=True,
+    )
+    read_only_users: tuple[str, ...] = setting(
+        (),
+        TextList(),
+        "Authenticated users who may only list, stat and get (put, rm and mkdir "
+        "are refused).",
+        live=True,
+    )
+    max_file_size: int = setting(
+        0,
+        Size(),
+        "The largest file a put may store; 0 means no limit other than quota "
+        "and free space.",
+        live=True,
+    )
+    quota: int = setting(
+        0,
+        Size(),
+        "The most bytes all files below root may use together; 0 means no quota. "
+        "Usage is measured at start-up and every sweep, and kept up to date "
+        "by puts and removals in between.",
+        live=True,
+    )
+    min_free_space: int = setting(
+        64 * 1024 * 1024,
+        Size(),
+        "A put is refused if it would leave less than this much free space on "
+        "the file system holding root.",
+        live=True,
+    )
+    overwrite: str = setting(
+        "with-force",
+        Choice(("with-force", "never", "always")),
+        'Whether a put may replace an existing file: "with-force" (only when '
+        'the client asks, netlab put --force), "never", or "always".',
+        live=True,
+    )
+    chunk_size: int = setting(
+        256 * 1024,
+        Size(minimum=4096, maximum=4 * 1024 * 1024),
+        "Bytes of file data per data frame. Larger frames cost fewer "
+        "per-frame overheads; the default suits loopback and LAN.",
+        live=True,
+    )
+    partial_expiry: float = setting(
+        86400.0,
+        Duration(minimum=1.0),
+        "An interrupted upload's partial file is kept this long for a resume, "
+        "then removed (at start-up and by a periodic sweep).",
+        live=True,
+    )
+    list_page_size: int = setting(
+        1000,
+        Integer(minimum=1, maximum=10000),
+        "The most entries one ls reply carries; larger directories are paged.",
+        live=True,
     )
 
 
@@ -636,6 +787,11 @@ class CommandSection:
         StreamEndpoint(),
         "Where the command service listens.",
     )
+    max_frame_size: int = max_frame_size_setting()
+    handshake_timeout: float = handshake_timeout_setting()
+    idle_timeout: float = idle_timeout_setting()
+    max_connections: int = max_connections_setting()
+    max_connections_per_address: int = max_connections_per_address_setting()
 
 
 @attrs.frozen
@@ -813,6 +969,21 @@ class ClientSection:
         10.0,
         Duration(minimum=0.1),
         "How long the client waits to connect, and for each answer.",
+    )
+    user: str = setting(
+        "",
+        Text(
+            r"([A-Za-z0-9_][A-Za-z0-9_.\-]{0,63})?",
+            "a user name (letters, digits, _ . -)",
+        ),
+        "The user the client authenticates as (--user overrides it). Empty: "
+        "connect anonymously, which only services that allow it accept.",
+    )
+    key_file: Path | None = setting(
+        None,
+        FileSystemPath(must_exist=False),
+        "The file holding the user's key (netlab keygen writes it; mode 0600). "
+        "$NETLAB_KEY_FILE overrides it.",
     )
 
 

@@ -242,7 +242,7 @@ def _escape(path: str) -> str:
 #: Builders of the services, by name.  ``None``: known to the configuration
 #: but not part of this release (enabling it is a configuration error).
 SERVICE_BUILDERS: dict[str, str | None] = {
-    "file": None,
+    "file": "netlab.fileservice:build",
     "command": None,
     "time": "netlab.timeservice:build",
     "chat": None,

@@ -20,6 +20,7 @@ from netlab.lifecycle import Lifecycle
 from netlab.logs import NetlabLogObserver, open_destination
 from netlab.service import NetlabService, ServiceStartError, check_available
 from netlab.systemd import Notifier
+from netlab.tcpservice import check_tls_files
 
 
 class Options(usage.Options):
@@ -61,6 +62,7 @@ def load_daemon_config(path: str | None) -> NetlabConfig:
     """Load the daemon's configuration and check every enabled service exists."""
     config = load(path)
     check_available(config)
+    check_tls_files(config)
     return config
 
 
