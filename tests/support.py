@@ -70,8 +70,10 @@ class Daemon:
         extra_args: tuple[str, ...] = (),
         env: dict[str, str] | None = None,
         cwd: Path | None = None,
+        wrapper: tuple[str, ...] = (),
     ) -> None:
-        arguments = [*TWISTD, "--nodaemon", "--pidfile="]
+        # wrapper: a command that execs twistd, e.g. systemd-socket-activate.
+        arguments = [*wrapper, *TWISTD, "--nodaemon", "--pidfile="]
         arguments += ["netlab", *extra_args]
         if config is not None:
             arguments += ["--config", str(config)]

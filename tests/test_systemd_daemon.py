@@ -2,19 +2,25 @@
 
 The daemon runs in a subprocess (tests.support.Daemon) with ``NOTIFY_SOCKET``
 pointing at an abstract datagram socket the test reads, as systemd would
-with ``Type=notify``.  Reload is driven by real ``SIGHUP`` signals.
+with ``Type=notify``.  Reload is driven by real ``SIGHUP`` signals.  Socket
+activation runs the daemon under ``systemd-socket-activate`` (Debian's systemd
+package), and the ``netlab`` client talks to the file (TCP) and time (UDP)
+services on the sockets it passed.
 """
 
 from __future__ import annotations
 
+import shutil
 import signal
 import socket
 import time
+from pathlib import Path
 
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
+from benchmarks.refservers import free_port
 from netlab.systemd import notify_address
-from tests.support import Daemon, temporary_directory, write_config
+from tests.support import Daemon, run_netlab, temporary_directory, write_config
 from tests.test_systemd import notify_listener
 
 #: No service enabled: what is tested here is the daemon around them.
@@ -128,3 +134,171 @@ class NotifyDaemonTests(TestCase):
         self.assertNotIn("notify", daemon.log)
         with self.assertRaises(BlockingIOError):
             self.listener.recv(4096)
+
+
+#: The file service (anonymous reads) and the time service, the rest off.
+SERVICES = """
+[file]
+endpoint = "{file}"
+anonymous = "read"
+root = "{root}"
+[time]
+endpoint = "{time}"
+[chat]
+enabled = false
+"""
+
+
+def require(program: str) -> None:
+    if shutil.which(program) is None:
+        raise SkipTest(f"{program} is not installed (Debian package systemd)")
+
+
+class ServiceDaemonTests(TestCase):
+    """Readiness and socket activation with real services and real clients."""
+
+    def setUp(self) -> None:
+        self.directory = temporary_directory(self)
+        self.root = self.directory / "files"
+        self.root.mkdir()
+        (self.root / "hello.txt").write_text("hello\n")
+        self.listener, self.notify_socket = notify_listener(self, abstract=True)
+
+    def server_config(self, file: str, time: str) -> Path:
+        text = SERVICES.format(file=file, time=time, root=self.root)
+        return write_config(self.directory, text)
+
+    def client(self, *args: str, file_port: int, time_port: int) -> str:
+        """Run the ``netlab`` client against the given ports; return its output."""
+        config = write_config(
+            self.directory,
+            SERVICES.format(
+                file=f"tcp:{file_port}:interface=127.0.0.1",
+                time=f"udp:{time_port}:interface=127.0.0.1",
+                root=self.root,
+            ),
+            name="client.toml",
+        )
+        result = run_netlab("--config", str(config), *args)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        return result.stdout
+
+    def test_ready_only_after_ports_accept(self) -> None:
+        """READY=1 comes after every service logged that it listens, and at
+        that moment both ports answer real clients."""
+        config = self.server_config(
+            "tcp:0:interface=127.0.0.1", "udp:0:interface=127.0.0.1"
+        )
+        daemon = Daemon(self, config, env={"NOTIFY_SOCKET": self.notify_socket})
+        ready = next_notification(self.listener)
+        daemon.wait_for("netlab ready")
+        addresses = daemon.wait_listening(2)
+        file_port, time_port = addresses["file"][1], addresses["time"][1]
+        self.assertEqual(
+            ready,
+            {
+                "READY": "1",
+                "STATUS": f"serving file on 127.0.0.1:{file_port}, "
+                f"time on 127.0.0.1:{time_port}",
+            },
+        )
+        lines = daemon.output
+        ready_line = next(i for i, line in enumerate(lines) if "netlab ready" in line)
+        listening = [
+            i for i, line in enumerate(lines) if "service listening on" in line
+        ]
+        self.assertEqual(len(listening), 2)
+        self.assertLess(max(listening), ready_line)
+        with socket.create_connection(("127.0.0.1", file_port), timeout=10):
+            pass
+        self.assertIn("hello.txt", self.client("ls", file_port=file_port, time_port=0))
+        self.assertIn("offset", self.client("time", file_port=0, time_port=time_port))
+        daemon.stop()
+        self.assertEqual(next_notification(self.listener)["STOPPING"], "1")
+
+    def test_socket_activation_tcp_and_udp(self) -> None:
+        """systemd-socket-activate passes a TCP socket (file) and a UDP socket
+        (time) by name; the first client's connection starts the daemon and is
+        served, then a real client talks to each service."""
+        require("systemd-socket-activate")
+        file_port = free_port()
+        time_port = free_port(socket.SOCK_DGRAM)
+        config = self.server_config(
+            "systemd:domain=INET:name=netlab-file", "systemd:name=netlab-time"
+        )
+        # -d applies to every socket of one invocation, so one TCP and one UDP
+        # socket take two chained invocations; the second passes on the
+        # first's socket and must name both.
+        wrapper = (
+            "systemd-socket-activate",
+            f"--listen=127.0.0.1:{file_port}",
+            "--fdname=netlab-file",
+            "--setenv=NOTIFY_SOCKET",
+            "systemd-socket-activate",
+            "--datagram",
+            f"--listen=127.0.0.1:{time_port}",
+            "--fdname=netlab-file:netlab-time",
+            "--setenv=NOTIFY_SOCKET",
+        )
+        daemon = Daemon(
+            self, config, env={"NOTIFY_SOCKET": self.notify_socket}, wrapper=wrapper
+        )
+        daemon.wait_for(rf"Listening on 127\.0\.0\.1:{file_port} as 3")
+        # Nothing runs yet: this client's connection is what starts netlab.
+        self.assertNotIn("twistd", daemon.log)
+        listing = self.client("ls", file_port=file_port, time_port=time_port)
+        self.assertIn("hello.txt", listing)
+        self.assertEqual(
+            next_notification(self.listener),
+            {
+                "READY": "1",
+                "STATUS": f"serving file on 127.0.0.1:{file_port}, "
+                f"time on 127.0.0.1:{time_port}",
+            },
+        )
+        self.assertIn(
+            "offset", self.client("time", file_port=file_port, time_port=time_port)
+        )
+        self.assertIn(
+            "hello.txt", self.client("ls", file_port=file_port, time_port=time_port)
+        )
+        self.assertEqual(daemon.stop(), -signal.SIGTERM, daemon.log)
+
+    def test_missing_socket_is_a_start_up_error(self) -> None:
+        """A systemd: endpoint without socket activation stops start-up with
+        one line naming the fix, and systemd is never told READY=1."""
+        config = self.server_config(
+            "tcp:0:interface=127.0.0.1", "systemd:name=netlab-time"
+        )
+        daemon = Daemon(self, config, env={"NOTIFY_SOCKET": self.notify_socket})
+        self.assertNotEqual(daemon.finish(), 0)
+        self.assertIn(
+            "netlab: cannot start: [time] systemd passed no socket named "
+            "'netlab-time' (names passed: none); set FileDescriptorName=netlab-time",
+            daemon.log,
+        )
+        with self.assertRaises(BlockingIOError):
+            self.listener.recv(4096)
+
+    def test_wrong_socket_type_is_a_start_up_error(self) -> None:
+        """A TCP socket passed under the UDP service's name is refused at
+        start-up with the unit setting to use."""
+        require("systemd-socket-activate")
+        port = free_port()
+        config = self.server_config(
+            "tcp:0:interface=127.0.0.1", "systemd:name=netlab-time"
+        )
+        wrapper = (
+            "systemd-socket-activate",
+            f"--listen=127.0.0.1:{port}",
+            "--fdname=netlab-time",
+        )
+        daemon = Daemon(self, config, wrapper=wrapper)
+        daemon.wait_for(rf"Listening on 127\.0\.0\.1:{port} as 3")
+        with socket.create_connection(("127.0.0.1", port), timeout=10):
+            self.assertNotEqual(daemon.finish(), 0)
+        self.assertIn(
+            "[time] systemd socket 'netlab-time' is a stream (TCP) socket; this "
+            "service needs a datagram (UDP) socket: use ListenDatagram=",
+            daemon.log,
+        )
