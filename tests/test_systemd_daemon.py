@@ -16,9 +16,12 @@ import socket
 import time
 from pathlib import Path
 
+from twisted.internet.defer import ensureDeferred
 from twisted.trial.unittest import SkipTest, TestCase
 
 from benchmarks.refservers import free_port
+from netlab.client import Identity, connect
+from netlab.config import load
 from netlab.systemd import notify_address
 from tests.support import Daemon, run_netlab, temporary_directory, write_config
 from tests.test_systemd import notify_listener
@@ -302,3 +305,63 @@ class ServiceDaemonTests(TestCase):
             "service needs a datagram (UDP) socket: use ListenDatagram=",
             daemon.log,
         )
+
+    def test_reload_keeps_connected_clients(self) -> None:
+        """A reload (SIGHUP) with live and restart-only changes keeps an
+        authenticated session open and answering, and the ports unchanged."""
+        from twisted.internet.threads import deferToThread
+
+        config = self.server_config(
+            "tcp:0:interface=127.0.0.1", "udp:0:interface=127.0.0.1"
+        )
+        daemon = Daemon(self, config, env={"NOTIFY_SOCKET": self.notify_socket})
+        next_notification(self.listener)
+        addresses = daemon.wait_listening(2)
+        file_port, time_port = addresses["file"][1], addresses["time"][1]
+        client_config = load(
+            write_config(
+                self.directory,
+                f'[file]\nendpoint = "tcp:{file_port}:interface=127.0.0.1"\n',
+                name="client.toml",
+            )
+        )
+
+        async def exercise() -> None:
+            session = await connect(client_config, "file", identity=Identity())
+            try:
+                await session.ping()
+                # Live: the log level and the time rate limit; restart-only:
+                # the file endpoint, which must keep its old port.
+                text = SERVICES.format(
+                    file="tcp:0:interface=127.0.0.1:backlog=10",
+                    time="udp:0:interface=127.0.0.1",
+                    root=self.root,
+                )
+                state = self.directory / "state"
+                write_config(
+                    self.directory,
+                    f'[netlab]\nstate_directory = "{state}"\nlog_level = "debug"\n'
+                    + text.replace("[chat]", "rate = 100.0\n[chat]"),
+                )
+                daemon.process.send_signal(signal.SIGHUP)
+                reloading = await deferToThread(next_notification, self.listener)
+                self.assertIn("RELOADING", reloading)
+                ready = await deferToThread(next_notification, self.listener)
+                self.assertEqual(
+                    ready["STATUS"],
+                    f"serving file on 127.0.0.1:{file_port}, "
+                    f"time on 127.0.0.1:{time_port}",
+                )
+                await session.ping()
+            finally:
+                await session.close()
+
+        def check_log(_: object) -> None:
+            daemon.wait_for("configuration reloaded")
+            daemon.wait_for(r"only after a restart: \[file\] endpoint$")
+            self.assertIn(
+                "offset", self.client("time", file_port=0, time_port=time_port)
+            )
+            daemon.stop()
+
+        return ensureDeferred(exercise()).addCallback(check_log)
