@@ -20,17 +20,19 @@ its limit a source gets silence, except for an occasional NTP KoD ``RATE``.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
 import socket
+import struct
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 import attrs
-from twisted.internet import defer
+from twisted.internet import defer, udp
 from twisted.internet.interfaces import IListeningPort, IReactorProcess
 from twisted.internet.protocol import DatagramProtocol, ProcessProtocol
 from twisted.internet.task import LoopingCall
@@ -66,6 +68,10 @@ from netlab.timeproto import (
 
 log = Logger(namespace="netlab.time")
 
+#: Datagrams are read up to this size: above the largest UDP payload (65507
+#: bytes), so nothing is ever truncated; oversize requests are seen whole and
+#: dropped (the application limit is timeproto.MAX_DATAGRAM).
+MAX_PACKET_SIZE = 65536
 #: How often the kernel is asked about the clock (leap, synchronisation, error).
 REFRESH_INTERVAL = 16.0
 #: Every counter the responder keeps, in the order they are logged.
@@ -271,7 +277,10 @@ class TimeResponder(DatagramProtocol):
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         # The receive timestamp comes first: everything below is server delay.
-        receive_ns = self.clock()
+        self.datagram_arrived(data, addr, self.clock())
+
+    def datagram_arrived(self, data: bytes, addr: Any, receive_ns: int) -> None:
+        """Answer ``data``, which arrived at ``receive_ns`` (Unix nanoseconds)."""
         counters = self.counters
         host, port = addr[0], addr[1]
         if port < 1024:
@@ -354,18 +363,81 @@ def log_counters(counters: dict[str, int], interval: float, worker: int) -> None
 # ---------------------------------------------------------------------------
 
 
-def reuseport_socket(interface: str, port: int) -> socket.socket:
-    """A non-blocking UDP socket bound with SO_REUSEPORT to ``interface:port``."""
+def udp_socket(interface: str, port: int, reuse_port: bool) -> socket.socket:
+    """A UDP socket bound to ``interface:port``, with SO_REUSEPORT if asked."""
     family = socket.AF_INET6 if ":" in interface else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.setblocking(False)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((interface, port))
     except OSError:
         sock.close()
         raise
     return sock
+
+
+#: Linux's SO_TIMESTAMPNS (also the SCM_ type of its message): the kernel
+#: attaches to each datagram the time it arrived (CLOCK_REALTIME, a timespec).
+SO_TIMESTAMPNS = 35
+_TIMESPEC = struct.Struct("@qq")
+_ANCILLARY_SPACE = socket.CMSG_SPACE(_TIMESPEC.size)
+
+
+class TimestampingPort(udp.Port):
+    """A UDP port that hands the responder each datagram's kernel arrival time.
+
+    The receive timestamp of an NTP reply should be when the request arrived;
+    read in Python it is late by the reactor's wake-up and dispatch (tens of
+    microseconds), which shows up in every client's offset as a bias.  This is
+    Twisted's ``udp.Port.doRead`` with ``recvmsg`` in place of ``recvfrom``.
+    """
+
+    protocol: TimeResponder
+
+    def doRead(self) -> None:
+        read = 0
+        while read < self.maxThroughput:
+            try:
+                data, ancillary, _, addr = self.socket.recvmsg(
+                    self.maxPacketSize, _ANCILLARY_SPACE
+                )
+            except OSError as error:
+                if error.errno in udp._sockErrReadIgnore:
+                    return
+                if error.errno in udp._sockErrReadRefuse:
+                    return  # A listening port is never connected.
+                raise
+            read += len(data)
+            arrival = None
+            for level, kind, payload in ancillary:
+                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                    seconds, nanoseconds = _TIMESPEC.unpack_from(payload)
+                    arrival = seconds * 1_000_000_000 + nanoseconds
+            if self.addressFamily == socket.AF_INET6:
+                addr = addr[:2]  # (host, port), as udp.Port delivers them
+            try:
+                if arrival is None:
+                    self.protocol.datagramReceived(data, addr)
+                else:
+                    self.protocol.datagram_arrived(data, addr, arrival)
+            except BaseException:
+                log.failure("time responder failed", event="time.responder.failed")
+
+
+def adopt(
+    reactor: Any, sock: socket.socket, responder: TimeResponder
+) -> IListeningPort:
+    """Listen on a bound UDP socket (the caller's copy is closed)."""
+    with sock:
+        sock.setblocking(False)
+        with contextlib.suppress(OSError):  # Without it, the clock is read later.
+            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        port: IListeningPort = TimestampingPort._fromListeningDescriptor(
+            reactor, sock.fileno(), sock.family, responder, MAX_PACKET_SIZE
+        )
+    port.startListening()
+    return port
 
 
 class WorkerProcess(ProcessProtocol):
@@ -391,9 +463,7 @@ class TimeService(DatagramListeningService):
     """The time service (``[time]``), with ``workers - 1`` helper processes."""
 
     section_name = "time"
-    #: Above the largest UDP payload (65507 bytes), so nothing is ever
-    #: truncated: oversize requests are seen whole and dropped.
-    max_packet_size = 65536
+    max_packet_size = MAX_PACKET_SIZE
 
     def __init__(
         self,
@@ -416,39 +486,48 @@ class TimeService(DatagramListeningService):
         return self.responder
 
     def listen(self) -> IListeningPort:
+        sockets = self.open_sockets()
+        # Workers get theirs in startService, once the reactor runs.
+        self.worker_sockets = sockets[1:]
+        return adopt(self.reactor, sockets[0], self.responder)
+
+    def open_sockets(self) -> list[socket.socket]:
+        """One socket for this process and one per worker."""
         workers = self.section.workers
-        if workers == 1:
-            return super().listen()
         address = self.config.listen_address("time")
         if address.kind == "systemd":
             # Every process reads the one socket systemd passed.
             assert address.name is not None
             descriptor = systemd_descriptor(address.name)
-            self.worker_sockets = [
-                socket.socket(fileno=os.dup(descriptor)) for _ in range(workers - 1)
-            ]
-            return super().listen()
+            sockets = [socket.socket(fileno=os.dup(descriptor)) for _ in range(workers)]
+            os.close(descriptor)
+            if sockets[0].type != socket.SOCK_DGRAM:
+                for sock in sockets:
+                    sock.close()
+                raise ServiceStartError(
+                    f"[time] systemd socket {address.name!r} is not a datagram "
+                    "socket; use ListenDatagram= in the .socket unit"
+                )
+            return sockets
         assert address.port is not None
         interface = address.interface or "0.0.0.0"  # noqa: S104 - as configured
+        sockets = []
         try:
-            main = reuseport_socket(interface, address.port)
-            # Port 0: the workers bind the port the kernel picked for the daemon.
-            port = main.getsockname()[1]
-            self.worker_sockets = [
-                reuseport_socket(interface, port) for _ in range(workers - 1)
-            ]
+            # SO_REUSEPORT only for workers: otherwise a second daemon on the
+            # same port must fail to start, not silently share the traffic.
+            sockets.append(udp_socket(interface, address.port, workers > 1))
+            # Port 0: the workers bind the port the kernel picked first.
+            port = sockets[0].getsockname()[1]
+            for _ in range(workers - 1):
+                sockets.append(udp_socket(interface, port, True))
         except OSError as error:
-            for sock in self.worker_sockets:
+            for sock in sockets:
                 sock.close()
             raise ServiceStartError(
                 f"[time] cannot listen on {self.section.endpoint}: {error.strerror}; "
                 "is another program using that port?"
             ) from None
-        with main:
-            listening: IListeningPort = self.reactor.adoptDatagramPort(
-                main.fileno(), main.family, self.responder, self.max_packet_size
-            )
-        return listening
+        return sockets
 
     def startService(self) -> None:
         super().startService()

@@ -29,7 +29,7 @@ from netlab.service import describe_address
 from netlab.timeservice import (
     REFRESH_INTERVAL,
     TimeResponder,
-    TimeService,
+    adopt,
     log_counters,
 )
 
@@ -84,11 +84,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
     responder = TimeResponder(config.time, reactor)
-    with socket.socket(fileno=SOCKET_DESCRIPTOR) as sock:
-        sock.setblocking(False)
-        port = reactor.adoptDatagramPort(  # type: ignore[attr-defined]
-            sock.fileno(), sock.family, responder, TimeService.max_packet_size
-        )
+    port = adopt(reactor, socket.socket(fileno=SOCKET_DESCRIPTOR), responder)
     log.info(
         "time worker {index} answering on {address}",
         event="time.worker.started",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import random
 import socket
+import time
 from typing import Any
 
 import attrs
@@ -433,11 +434,11 @@ class LoopbackTests(TestCase):
         responder = self.service.responder
         sizes: list[int] = []
 
-        def received(data: bytes, addr: Any) -> None:
+        def arrived(data: bytes, addr: Any, receive_ns: int) -> None:
             sizes.append(len(data))
-            TimeResponder.datagramReceived(responder, data, addr)
+            TimeResponder.datagram_arrived(responder, data, addr, receive_ns)
 
-        responder.datagramReceived = received  # type: ignore[method-assign]
+        responder.datagram_arrived = arrived  # type: ignore[method-assign]
         for size in (8193, 65507):
             self.send(client_request(INSTANT) + bytes(size - 48))
         marker = client_request(INSTANT + 1)
@@ -447,6 +448,23 @@ class LoopbackTests(TestCase):
         self.assertEqual(sizes, [8193, 65507, 48])
         self.assertEqual(self.service.responder.counters["dropped-oversize"], 2)
         self.assertEqual(self.service.responder.counters["answered-ntp"], 1)
+
+    @defer.inlineCallbacks
+    def test_receive_timestamp_from_kernel(self) -> Any:
+        """The receive timestamp is the kernel's arrival time, not a later read.
+
+        The responder's own clock is set to 1990 here: the receive timestamp
+        must still be the real time of arrival, the transmit one from 1990.
+        """
+        fake = 631_152_000 * NS
+        self.service.responder.clock = lambda: fake
+        before = time.time_ns()
+        self.send(client_request(INSTANT))
+        reply = yield self.receiver.replies.get().addTimeout(5, reactor)
+        packet = NTPPacket.parse(reply)
+        received = ntp_to_unix_ns(packet.receive_time, before)
+        self.assertTrue(before <= received <= time.time_ns())
+        self.assertEqual(packet.transmit_time, ntp_timestamp(fake))
 
     def test_packet_size_above_maximum_udp_payload(self) -> None:
         """The service reads up to more than the largest UDP payload (65507)."""
