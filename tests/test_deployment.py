@@ -129,7 +129,7 @@ class UnitContentTests(TestCase):
         )
         self.assertEqual(service["ExecReload"], "/bin/kill -HUP $MAINPID")
         self.assertEqual(
-            service["ExecStartPre"], "+/opt/netlab/bin/python -m netlab.plugincache"
+            service["ExecStartPre"], "+/opt/netlab/bin/python -I -m netlab.plugincache"
         )
         self.assertEqual(service["CapabilityBoundingSet"], "")
 
@@ -180,9 +180,10 @@ class PluginCacheTests(TestCase):
     """``python -m netlab.plugincache`` leaves nothing for twistd to write."""
 
     def test_refresh_succeeds(self) -> None:
-        """Run as the installation's owner, it finds netlab and exits 0."""
+        """Run as the installation's owner, isolated (-I) as the unit runs
+        it, it finds netlab and exits 0."""
         result = subprocess.run(
-            [sys.executable, "-m", "netlab.plugincache"],
+            [sys.executable, "-I", "-m", "netlab.plugincache"],
             capture_output=True,
             text=True,
             timeout=60,
