@@ -1,6 +1,7 @@
 """Tests for the deployment files: the systemd units in etc/systemd, the service
 user in etc/sysusers.d, and the plugin-cache step that keeps a read-only
-installation's logs clean.
+installation's logs clean (checked by running twistd with the plugin
+directories mounted read-only, as the unit's ProtectSystem=strict does).
 
 ``systemd-analyze verify`` checks the units as systemd would load them, with
 ``/opt/netlab/bin`` replaced by the bin directory of the Python running the
@@ -27,12 +28,15 @@ from twisted.trial.unittest import SkipTest, TestCase
 import twisted.plugins
 from netlab import plugincache
 from netlab.config import SERVICE_TRANSPORTS, from_mapping, parse_listen_address
-from tests.support import temporary_directory
+from tests.support import Daemon, temporary_directory, write_config
 
 ETC = Path(__file__).resolve().parent.parent / "etc"
 UNITS = ETC / "systemd"
 SERVICE_UNIT = UNITS / "netlab.service"
 SYSUSERS = ETC / "sysusers.d" / "netlab.conf"
+NO_SERVICES = (
+    "[file]\nenabled = false\n[time]\nenabled = false\n[chat]\nenabled = false\n"
+)
 
 
 def socket_units() -> dict[str, Path]:
@@ -72,6 +76,49 @@ def systemd_tool(*args: str) -> subprocess.CompletedProcess[str]:
         timeout=60,
         check=False,
     )
+
+
+def netlab_plugin_directory() -> FilePath[str]:
+    """The plugin directory holding netlab_plugin.py (checkout or site-packages)."""
+    return next(
+        FilePath(path)
+        for path in twisted.plugins.__path__
+        if FilePath(path).child("netlab_plugin.py").exists()
+    )
+
+
+#: Mounts each argument before "--" read-only over itself, then runs the rest.
+READ_ONLY_SCRIPT = """
+while [ "$1" != -- ]; do
+    mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" || exit 1
+    shift
+done
+shift
+exec "$@"
+"""
+
+
+def run_read_only(testcase: TestCase) -> str:
+    """Run ``twistd -n netlab`` (no services) until it is ready, with every
+    plugin directory read-only in a private mount namespace; return its log.
+
+    Skipped where mount namespaces are not permitted.
+    """
+    if shutil.which("unshare") is None:
+        raise SkipTest("unshare is not installed (Debian package util-linux)")
+    probe = subprocess.run(
+        ["unshare", "--mount", "true"], capture_output=True, text=True, check=False
+    )
+    if probe.returncode != 0:
+        raise SkipTest(f"cannot make a mount namespace: {probe.stderr.strip()}")
+    plugin_directories = [p for p in twisted.plugins.__path__ if Path(p).is_dir()]
+    config = write_config(temporary_directory(testcase), NO_SERVICES)
+    wrapper = ("unshare", "--mount", "--propagation", "private")
+    wrapper += ("sh", "-c", READ_ONLY_SCRIPT, "sh", *plugin_directories, "--")
+    daemon = Daemon(testcase, config, wrapper=wrapper)
+    daemon.wait_for("netlab ready")
+    daemon.stop()
+    return daemon.log
 
 
 class UnitVerifyTests(TestCase):
@@ -200,12 +247,7 @@ class PluginCacheTests(TestCase):
         """When a stale cache cannot be rewritten (a read-only installation),
         it fails and says where and what to do, instead of leaving twistd to
         log the failure at every start."""
-        directory = next(
-            FilePath(path)
-            for path in twisted.plugins.__path__
-            if FilePath(path).child("netlab_plugin.py").exists()
-        )
-        cache = directory.child("dropin.cache")
+        cache = netlab_plugin_directory().child("dropin.cache")
         if cache.exists():
             cache.remove()
         self.addCleanup(plugincache.refresh)
@@ -220,6 +262,20 @@ class PluginCacheTests(TestCase):
             f"Unable to write to plugin cache {cache.path}", stderr.getvalue()
         )
         self.assertIn("run this as the owner of the installation", stderr.getvalue())
+
+    def test_read_only_installation_starts_quietly(self) -> None:
+        """With the plugin directories read-only, as under the hardened unit,
+        twistd logs "Unable to write to plugin cache" while the cache is stale
+        (the control), and nothing once netlab.plugincache has run."""
+        directory = netlab_plugin_directory()
+        cache = directory.child("dropin.cache")
+        if cache.exists():
+            cache.remove()
+        self.addCleanup(plugincache.refresh)
+        self.assertIn("Unable to write to plugin cache", run_read_only(self))
+
+        self.assertEqual(plugincache.refresh()[1], [])
+        self.assertNotIn("plugin cache", run_read_only(self))
 
     def capture_stderr(self) -> io.StringIO:
         stream = io.StringIO()
