@@ -28,6 +28,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 import twisted.plugins
 from netlab import plugincache
 from netlab.config import SERVICE_TRANSPORTS, from_mapping, parse_listen_address
+from netlab.errors import ExitCode
 from tests.support import Daemon, temporary_directory, write_config
 
 ETC = Path(__file__).resolve().parent.parent / "etc"
@@ -175,6 +176,8 @@ class UnitContentTests(TestCase):
             "--config /etc/netlab/netlab.toml",
         )
         self.assertEqual(service["ExecReload"], "/bin/kill -HUP $MAINPID")
+        # No restart loop on an invalid configuration (twistd netlab exits 3).
+        self.assertEqual(service["RestartPreventExitStatus"], str(int(ExitCode.CONFIG)))
         self.assertEqual(
             service["ExecStartPre"], "+/opt/netlab/bin/python -I -m netlab.plugincache"
         )
