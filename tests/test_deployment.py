@@ -29,15 +29,12 @@ import twisted.plugins
 from netlab import plugincache
 from netlab.config import SERVICE_TRANSPORTS, from_mapping, parse_listen_address
 from netlab.errors import ExitCode
-from tests.support import Daemon, temporary_directory, write_config
+from tests.support import ALL_OFF, Daemon, temporary_directory, write_config
 
 ETC = Path(__file__).resolve().parent.parent / "etc"
 UNITS = ETC / "systemd"
 SERVICE_UNIT = UNITS / "netlab.service"
 SYSUSERS = ETC / "sysusers.d" / "netlab.conf"
-NO_SERVICES = (
-    "[file]\nenabled = false\n[time]\nenabled = false\n[chat]\nenabled = false\n"
-)
 
 
 def socket_units() -> dict[str, Path]:
@@ -113,7 +110,7 @@ def run_read_only(testcase: TestCase) -> str:
     if probe.returncode != 0:
         raise SkipTest(f"cannot make a mount namespace: {probe.stderr.strip()}")
     plugin_directories = [p for p in twisted.plugins.__path__ if Path(p).is_dir()]
-    config = write_config(temporary_directory(testcase), NO_SERVICES)
+    config = write_config(temporary_directory(testcase), ALL_OFF)
     wrapper = ("unshare", "--mount", "--propagation", "private")
     wrapper += ("sh", "-c", READ_ONLY_SCRIPT, "sh", *plugin_directories, "--")
     daemon = Daemon(testcase, config, wrapper=wrapper)

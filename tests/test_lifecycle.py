@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import signal
-from pathlib import Path
 from typing import Any
 
 from twisted.internet.protocol import Factory, Protocol
@@ -25,7 +24,7 @@ from netlab.logs import NetlabLogObserver
 from netlab.service import NetlabService, StreamListeningService
 from netlab.systemd import Notifier
 from netlab.tap import load_daemon_config
-from tests.support import temporary_directory, write_config
+from tests.support import ALL_OFF, temporary_directory, write_config
 from tests.test_systemd import notify_listener, received
 
 CONFIG = """
@@ -113,11 +112,8 @@ class LifecycleTests(TestCase):
             self.root.stopService()
 
     def rewrite(self, text: str, netlab: str = "") -> None:
-        """Replace the configuration file; ``netlab``: extra [netlab] lines."""
-        state = self.directory / "state"
-        write_config(
-            self.directory, f'[netlab]\nstate_directory = "{state}"\n{netlab}\n{text}'
-        )
+        """Replace the configuration file; ``netlab``: [netlab] lines."""
+        write_config(self.directory, f"[netlab]\n{netlab}\n{text}")
 
     def test_ready_after_listening_and_running(self) -> None:
         """READY=1 with the services in STATUS= comes only once every service
@@ -263,11 +259,7 @@ class WithoutSystemdTests(TestCase):
     def test_ready_logged_without_notifier(self) -> None:
         """No notifier: readiness is logged with the services, nothing sent."""
         directory = temporary_directory(self)
-        path: Path = write_config(
-            directory,
-            "[file]\nenabled = false\n[time]\nenabled = false\n"
-            "[chat]\nenabled = false\n",
-        )
+        path = write_config(directory, ALL_OFF)
         reactor = ThreadCallReactor()
         root = NetlabService(load_daemon_config(str(path)), reactor)
         Lifecycle(reactor, None, load_daemon_config).setServiceParent(root)

@@ -118,6 +118,13 @@ def bound(family: int, kind: int, *, listen: bool = False) -> socket.socket:
     return sock
 
 
+#: The systemd endpoints the tests' services are configured with.
+ENDPOINTS = {
+    "time": "systemd:name=netlab-time",
+    "file": "systemd:domain=INET:name=netlab-file",
+}
+
+
 def config_with(section: str, endpoint: str, directory: Any) -> NetlabConfig:
     return from_mapping(
         {
@@ -156,6 +163,23 @@ class EchoStreamService(StreamListeningService):
 
     def factory(self) -> Factory:
         return Factory.forProtocol(StreamEcho)
+
+
+def assert_start_error(
+    testcase: TestCase, service_class: type[Any], *expected: str
+) -> None:
+    """Starting ``service_class`` (on its systemd endpoint from
+    :data:`ENDPOINTS`) fails with a ServiceStartError whose one line starts
+    with the service's section and contains every ``expected`` text."""
+    section = service_class.section_name
+    config = config_with(section, ENDPOINTS[section], temporary_directory(testcase))
+    service = service_class(config, MemoryReactor())
+    with testcase.assertRaises(ServiceStartError) as caught:
+        service.privilegedStartService()
+    message = str(caught.exception)
+    testcase.assertTrue(message.startswith(f"[{section}] "), message)
+    for text in expected:
+        testcase.assertIn(text, message)
 
 
 class OneReply(DatagramProtocol):
@@ -310,9 +334,7 @@ class AdoptDatagramTests(TestCase):
         sock = bound(socket.AF_INET, socket.SOCK_DGRAM)
         address = sock.getsockname()
         fds = inherit(self, {"netlab-time": sock})
-        config = config_with(
-            "time", "systemd:name=netlab-time", temporary_directory(self)
-        )
+        config = config_with("time", ENDPOINTS["time"], temporary_directory(self))
         service = EchoDatagramService(config, reactor)
         service.privilegedStartService()
         self.addCleanup(service.stopService)
@@ -343,32 +365,18 @@ class AdoptDatagramTests(TestCase):
         oversize datagrams are seen whole rather than truncated at 8192."""
         reactor = MemoryReactor()
         inherit(self, {"netlab-time": bound(socket.AF_INET, socket.SOCK_DGRAM)})
-        config = config_with(
-            "time", "systemd:name=netlab-time", temporary_directory(self)
-        )
+        config = config_with("time", ENDPOINTS["time"], temporary_directory(self))
         EchoDatagramService(config, reactor).privilegedStartService()
         [(_, _, _, size)] = reactor.adoptedPorts
         self.assertEqual(size, EchoDatagramService.max_packet_size)
-
-    def assertStartError(self, reactor: Any, *expected: str) -> str:
-        config = config_with(
-            "time", "systemd:name=netlab-time", temporary_directory(self)
-        )
-        service = EchoDatagramService(config, reactor)
-        with self.assertRaises(ServiceStartError) as caught:
-            service.privilegedStartService()
-        message = str(caught.exception)
-        self.assertTrue(message.startswith("[time] "), message)
-        for text in expected:
-            self.assertIn(text, message)
-        return message
 
     def test_missing_name(self) -> None:
         """No socket under the configured name: the error lists what systemd
         did pass and names the unit setting to fix."""
         inherit(self, {"netlab-chat": bound(socket.AF_INET, socket.SOCK_DGRAM)})
-        self.assertStartError(
-            MemoryReactor(),
+        assert_start_error(
+            self,
+            EchoDatagramService,
             "no socket named 'netlab-time'",
             "'netlab-chat'",
             "FileDescriptorName=netlab-time",
@@ -377,7 +385,7 @@ class AdoptDatagramTests(TestCase):
     def test_not_activated(self) -> None:
         """Started without socket activation at all: the same clear error."""
         inherit(self, {})
-        self.assertStartError(MemoryReactor(), "names passed: none")
+        assert_start_error(self, EchoDatagramService, "names passed: none")
 
     def test_stream_socket_refused(self) -> None:
         """A TCP socket under the UDP service's name is refused at start-up."""
@@ -385,8 +393,8 @@ class AdoptDatagramTests(TestCase):
             self,
             {"netlab-time": bound(socket.AF_INET, socket.SOCK_STREAM, listen=True)},
         )
-        self.assertStartError(
-            MemoryReactor(), "is a stream (TCP) socket", "ListenDatagram="
+        assert_start_error(
+            self, EchoDatagramService, "is a stream (TCP) socket", "ListenDatagram="
         )
 
     def test_unix_socket_refused(self) -> None:
@@ -395,7 +403,7 @@ class AdoptDatagramTests(TestCase):
         unix = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         unix.bind(str(temporary_directory(self) / "sock"))
         inherit(self, {"netlab-time": unix})
-        self.assertStartError(MemoryReactor(), "AF_UNIX", "not an IP one")
+        assert_start_error(self, EchoDatagramService, "AF_UNIX", "not an IP one")
 
     def test_descriptor_not_a_socket(self) -> None:
         """A descriptor that is not a socket at all is refused with a hint."""
@@ -403,18 +411,13 @@ class AdoptDatagramTests(TestCase):
         self.addCleanup(os.close, write_end)
         self.patch(_SystemdParser, "_sddaemon", ListenFDs([read_end], ("netlab-time",)))
         self.addCleanup(os.close, read_end)
-        self.assertStartError(MemoryReactor(), "is not usable", "ListenDatagram=")
+        assert_start_error(
+            self, EchoDatagramService, "is not usable", "ListenDatagram="
+        )
 
 
 class AdoptStreamTests(TestCase):
     """A TCP service takes its socket through Twisted's ``systemd:`` endpoint."""
-
-    def start(self, endpoint: str, reactor: Any) -> EchoStreamService:
-        config = config_with("file", endpoint, temporary_directory(self))
-        service = EchoStreamService(config, reactor)
-        service.privilegedStartService()
-        self.addCleanup(service.stopService)
-        return service
 
     def test_adopted_socket_serves_a_real_client(self) -> None:
         """The service answers a real TCP client on the inherited socket."""
@@ -423,7 +426,10 @@ class AdoptStreamTests(TestCase):
         sock = bound(socket.AF_INET, socket.SOCK_STREAM, listen=True)
         address = sock.getsockname()
         inherit(self, {"netlab-file": sock})
-        service = self.start("systemd:domain=INET:name=netlab-file", reactor)
+        config = config_with("file", ENDPOINTS["file"], temporary_directory(self))
+        service = EchoStreamService(config, reactor)
+        service.privilegedStartService()
+        self.addCleanup(service.stopService)
         self.assertEqual(service.listening_address.port, address[1])
 
         async def talk() -> None:
@@ -431,21 +437,12 @@ class AdoptStreamTests(TestCase):
 
         return ensureDeferred(talk())
 
-    def assertStartError(self, endpoint: str, *expected: str) -> None:
-        config = config_with("file", endpoint, temporary_directory(self))
-        service = EchoStreamService(config, MemoryReactor())
-        with self.assertRaises(ServiceStartError) as caught:
-            service.privilegedStartService()
-        message = str(caught.exception)
-        self.assertTrue(message.startswith("[file] "), message)
-        for text in expected:
-            self.assertIn(text, message)
-
     def test_missing_name(self) -> None:
         """No socket under the configured name: a clear start-up error."""
         inherit(self, {"other": bound(socket.AF_INET, socket.SOCK_STREAM, listen=True)})
-        self.assertStartError(
-            "systemd:domain=INET:name=netlab-file",
+        assert_start_error(
+            self,
+            EchoStreamService,
             "no socket named 'netlab-file'",
             "FileDescriptorName=netlab-file",
         )
@@ -454,8 +451,9 @@ class AdoptStreamTests(TestCase):
         """A UDP socket under the TCP service's name is refused at start-up
         (Twisted would adopt it and fail later, inside the reactor)."""
         inherit(self, {"netlab-file": bound(socket.AF_INET, socket.SOCK_DGRAM)})
-        self.assertStartError(
-            "systemd:domain=INET:name=netlab-file",
+        assert_start_error(
+            self,
+            EchoStreamService,
             "is a datagram (UDP) socket",
             "ListenStream=",
         )
@@ -467,9 +465,7 @@ class AdoptStreamTests(TestCase):
         client = socket.create_connection(server.getsockname())
         self.addCleanup(client.close)
         inherit(self, {"netlab-file": client})
-        self.assertStartError(
-            "systemd:domain=INET:name=netlab-file", "Accept=yes", "Accept=no"
-        )
+        assert_start_error(self, EchoStreamService, "Accept=yes", "Accept=no")
 
     def test_wrong_domain_refused(self) -> None:
         """An IPv6 socket for a ``domain=INET`` endpoint: the error says what
@@ -478,9 +474,7 @@ class AdoptStreamTests(TestCase):
             self,
             {"netlab-file": bound(socket.AF_INET6, socket.SOCK_STREAM, listen=True)},
         )
-        self.assertStartError(
-            "systemd:domain=INET:name=netlab-file", "write domain=INET6"
-        )
+        assert_start_error(self, EchoStreamService, "write domain=INET6")
 
 
 class SystemdDescriptorTests(TestCase):

@@ -23,18 +23,14 @@ from benchmarks.refservers import free_port
 from netlab.client import Identity, connect
 from netlab.config import load
 from netlab.systemd import notify_address
-from tests.support import Daemon, run_netlab, temporary_directory, write_config
+from tests.support import (
+    ALL_OFF,
+    Daemon,
+    run_netlab,
+    temporary_directory,
+    write_config,
+)
 from tests.test_systemd import notify_listener
-
-#: No service enabled: what is tested here is the daemon around them.
-NO_SERVICES = """
-[file]
-enabled = false
-[time]
-enabled = false
-[chat]
-enabled = false
-"""
 
 
 def next_notification(listener: socket.socket, timeout: float = 20.0) -> dict[str, str]:
@@ -62,15 +58,13 @@ class NotifyDaemonTests(TestCase):
         return Daemon(self, path, env={"NOTIFY_SOCKET": self.notify_socket})
 
     def rewrite(self, text: str, netlab: str = "") -> None:
-        state = self.directory / "state"
-        write_config(
-            self.directory, f'[netlab]\nstate_directory = "{state}"\n{netlab}\n{text}'
-        )
+        """Replace the configuration file; ``netlab``: [netlab] lines."""
+        write_config(self.directory, f"[netlab]\n{netlab}\n{text}")
 
     def test_ready_then_stopping(self) -> None:
         """READY=1 with a STATUS= line arrives once the daemon runs; SIGTERM
         brings STOPPING=1 and a clean exit."""
-        daemon = self.start(NO_SERVICES)
+        daemon = self.start(ALL_OFF)
         self.assertEqual(
             next_notification(self.listener),
             {"READY": "1", "STATUS": "running, no services enabled"},
@@ -85,9 +79,9 @@ class NotifyDaemonTests(TestCase):
     def test_sighup_valid_config(self) -> None:
         """A valid new configuration is applied between RELOADING=1 and
         READY=1; a setting that needs a restart is named in the log."""
-        daemon = self.start(NO_SERVICES)
+        daemon = self.start(ALL_OFF)
         next_notification(self.listener)
-        self.rewrite(NO_SERVICES, netlab='log_level = "debug"\nlog_format = "json"')
+        self.rewrite(ALL_OFF, netlab='log_level = "debug"\nlog_format = "json"')
         daemon.process.send_signal(signal.SIGHUP)
         reloading = next_notification(self.listener)
         self.assertEqual(reloading["RELOADING"], "1")
@@ -107,9 +101,9 @@ class NotifyDaemonTests(TestCase):
     def test_sighup_invalid_config(self) -> None:
         """An invalid new configuration is logged with the reason and the
         daemon keeps running on the old one; a later valid file is taken."""
-        daemon = self.start(NO_SERVICES)
+        daemon = self.start(ALL_OFF)
         next_notification(self.listener)
-        self.rewrite(NO_SERVICES, netlab="log_level = 5")
+        self.rewrite(ALL_OFF, netlab="log_level = 5")
         daemon.process.send_signal(signal.SIGHUP)
         self.assertIn("RELOADING", next_notification(self.listener))
         self.assertEqual(next_notification(self.listener)["READY"], "1")
@@ -118,7 +112,7 @@ class NotifyDaemonTests(TestCase):
         self.assertIn("still running with the previous configuration", line)
         self.assertIsNone(daemon.process.poll())
 
-        self.rewrite(NO_SERVICES, netlab='log_level = "warn"')
+        self.rewrite(ALL_OFF, netlab='log_level = "warn"')
         daemon.process.send_signal(signal.SIGHUP)
         next_notification(self.listener)
         next_notification(self.listener)
@@ -128,7 +122,7 @@ class NotifyDaemonTests(TestCase):
 
     def test_without_notify_socket(self) -> None:
         """Without NOTIFY_SOCKET the daemon runs, reloads and stops the same."""
-        path = write_config(self.directory, NO_SERVICES)
+        path = write_config(self.directory, ALL_OFF)
         daemon = Daemon(self, path)
         daemon.wait_for("netlab ready")
         daemon.process.send_signal(signal.SIGHUP)
@@ -338,10 +332,9 @@ class ServiceDaemonTests(TestCase):
                     time="udp:0:interface=127.0.0.1",
                     root=self.root,
                 )
-                state = self.directory / "state"
                 write_config(
                     self.directory,
-                    f'[netlab]\nstate_directory = "{state}"\nlog_level = "debug"\n'
+                    '[netlab]\nlog_level = "debug"\n'
                     + text.replace("[chat]", "rate = 100.0\n[chat]"),
                 )
                 daemon.process.send_signal(signal.SIGHUP)

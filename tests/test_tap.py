@@ -29,16 +29,7 @@ from netlab.service import (
 )
 from netlab.tap import Options, describe, makeService
 
-from .support import temporary_directory, write_config
-
-ALL_OFF = """
-[file]
-enabled = false
-[time]
-enabled = false
-[chat]
-enabled = false
-"""
+from .support import ALL_OFF, temporary_directory, write_config
 
 
 class OptionsTests(TestCase):
