@@ -81,10 +81,16 @@ class LifecycleTests(TestCase):
     """The lifecycle as the last child of a daemon's service tree."""
 
     def setUp(self) -> None:
+        # Only the fake file service exists, whatever this release has.
         self.patch(
             service_module,
             "SERVICE_BUILDERS",
-            {**service_module.SERVICE_BUILDERS, "file": f"{__name__}:build_fake_file"},
+            {
+                "file": f"{__name__}:build_fake_file",
+                "command": None,
+                "time": None,
+                "chat": None,
+            },
         )
         self.directory = temporary_directory(self)
         self.path = write_config(self.directory, CONFIG)
