@@ -165,8 +165,8 @@ def _connection_error(reason: Failure, host: str, tls: bool) -> NetlabError:
 
     if reason.check(VerificationError):
         return TLSVerificationFailed(
-            f"the TLS certificate of {host} does not name {host} ({reason.value}); "
-            "connect with the name in the certificate"
+            f"the TLS certificate of {host} does not name {host}; connect "
+            "(--server) with a name the certificate holds"
         )
     if reason.check(SSL.Error):
         detail = str(reason.value)
@@ -223,7 +223,8 @@ class ClientProtocol(FrameReceiver):
 
     def stringReceived(self, string: bytes) -> None:
         try:
-            message = decode_frame(string)
+            # The server's replies are bounded by our frame limit alone.
+            message = decode_frame(string, control_limit=CLIENT_MAX_FRAME)
         except ProtocolError as error:
             self._abandon(
                 ConnectionFailed(f"{self.host} sent a malformed frame: {error}")

@@ -148,7 +148,7 @@ class LoadErrorTests(TestCase):
     def test_missing_path(self) -> None:
         """A path that must exist and does not is refused with its absolute form."""
         self.assertRefused(
-            '[netlab]\nusers_file = "missing.toml"\n', "users_file", "does not exist"
+            '[tls]\nca_file = "missing.pem"\n', "ca_file", "does not exist"
         )
 
     def test_path_of_wrong_type(self) -> None:
