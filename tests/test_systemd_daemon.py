@@ -124,6 +124,30 @@ class NotifyDaemonTests(TestCase):
         # At level "warn" the info lines of the stop are no longer written.
         self.assertNotIn("netlab stopping", daemon.log)
 
+    def test_sighup_burst(self) -> None:
+        """A burst of SIGHUPs (signals may coalesce) leaves the daemon well:
+        every RELOADING=1 is followed by READY=1 before the next one, every
+        reload succeeds, and the daemon still stops cleanly."""
+        daemon = self.start(ALL_OFF)
+        next_notification(self.listener)
+        for _ in range(20):
+            daemon.process.send_signal(signal.SIGHUP)
+        self.assertIn(daemon.stop(), CLEAN_STOP, daemon.log)
+        reloads = []
+        for _ in range(100):
+            notification = next_notification(self.listener)
+            if "STOPPING" in notification:
+                break
+            reloads.append(notification)
+        self.assertGreaterEqual(len(reloads), 2)
+        self.assertEqual(len(reloads) % 2, 0, reloads)
+        for reloading, ready in zip(reloads[::2], reloads[1::2], strict=True):
+            self.assertEqual((reloading["RELOADING"], ready["READY"]), ("1", "1"))
+        self.assertEqual(
+            daemon.log.count("configuration reloaded"), len(reloads) // 2, daemon.log
+        )
+        self.assertNotIn("Traceback", daemon.log)
+
     def test_without_notify_socket(self) -> None:
         """Without NOTIFY_SOCKET the daemon runs, reloads and stops the same."""
         path = write_config(self.directory, ALL_OFF)
