@@ -97,7 +97,8 @@ class Lifecycle(Service):
         """Re-read the configuration and apply it.
 
         Returns the settings that need a restart, or ``None`` when the new
-        configuration was refused (and the old one stays in force).
+        configuration was refused (the old one stays in force) or a service
+        failed to apply it (logged).
         """
         if not self.running:
             return None
@@ -128,8 +129,17 @@ class Lifecycle(Service):
         )
         return None
 
-    def _reconfigure(self, config: NetlabConfig) -> list[str]:
-        restart = self.root.reconfigure(config)
+    def _reconfigure(self, config: NetlabConfig) -> list[str] | None:
+        try:
+            restart = self.root.reconfigure(config)
+        except Exception:
+            # A service failed to take its new settings (a bug): say so with
+            # the traceback; the services that did take theirs keep them.
+            log.failure(
+                "reload failed while applying the configuration",
+                event="netlab.reload.failed",
+            )
+            return None
         log.info("configuration reloaded", event="netlab.reload.done")
         if restart:
             log.warn(

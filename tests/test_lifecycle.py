@@ -229,6 +229,25 @@ class LifecycleTests(TestCase):
         self.path.unlink()
         self.assertRefused("no such file")
 
+    def test_reload_survives_a_failing_service(self) -> None:
+        """A service whose apply() raises (a bug) is logged with the failure;
+        systemd still gets READY=1 and the daemon keeps serving."""
+        self.start()
+        received(self.listener)
+
+        def broken(config: NetlabConfig) -> None:
+            raise RuntimeError("apply bug")
+
+        self.file.apply = broken
+        self.rewrite(CONFIG, netlab='log_level = "debug"')
+        with capturedLogs() as events:
+            self.assertIsNone(self.lifecycle.reload())
+        [failure] = [e for e in events if e["event"] == "netlab.reload.failed"]
+        self.assertIn("apply bug", str(failure["log_failure"].value))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(received(self.listener)[-1], {"READY": "1", "STATUS": STATUS})
+        self.assertTrue(self.file.running)
+
     def test_sighup_queues_a_reload(self) -> None:
         """SIGHUP only queues a reload into the reactor (a signal may arrive
         anywhere); running the queued call reloads."""
