@@ -14,6 +14,7 @@ or if the netlab plugin is not found at all.  A fresh cache is not rewritten.
 
 from __future__ import annotations
 
+import os
 import sys
 
 from twisted.logger import capturedLogs, formatEvent
@@ -28,8 +29,15 @@ def refresh() -> tuple[set[str], list[str]]:
     from twisted.application.service import IServiceMaker
     from twisted.plugin import getPlugins
 
-    with capturedLogs() as events:
-        names = {maker.tapname for maker in getPlugins(IServiceMaker)}
+    # The unit's UMask=0077 applies to this step too: caches written with it
+    # would be unreadable to the service user, whose twistd would then try
+    # (and fail) to rewrite them.  The installation is world-readable anyway.
+    previous_umask = os.umask(0o022)
+    try:
+        with capturedLogs() as events:
+            names = {maker.tapname for maker in getPlugins(IServiceMaker)}
+    finally:
+        os.umask(previous_umask)
     problems = []
     for event in events:
         text = formatEvent(event)

@@ -16,8 +16,10 @@ from __future__ import annotations
 import configparser
 import errno
 import io
+import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -258,6 +260,20 @@ class PluginCacheTests(TestCase):
         names, problems = plugincache.refresh()
         self.assertIn("netlab", names)
         self.assertEqual(problems, [])
+
+    def test_cache_readable_by_everyone(self) -> None:
+        """The unit runs the refresh with UMask=0077, yet the cache it writes
+        is readable by the service user (else its twistd would try to
+        rewrite the cache, in a read-only installation)."""
+        cache = netlab_plugin_directory().child("dropin.cache")
+        if cache.exists():
+            cache.remove()
+        previous = os.umask(0o077)
+        try:
+            self.assertEqual(plugincache.refresh()[1], [])
+        finally:
+            os.umask(previous)
+        self.assertEqual(stat.S_IMODE(os.stat(cache.path).st_mode) & 0o044, 0o044)
 
     def test_unwritable_cache_reported(self) -> None:
         """When a stale cache cannot be rewritten (a read-only installation),
