@@ -292,3 +292,56 @@ def rsyncd(module_path: Path, *, read_only: bool = True) -> Iterator[RunningServ
         ]
         with running("rsyncd", argv, port, directory) as server:
             yield server
+
+
+# --------------------------------------------------------------------------
+# chronyd (time): an NTP server on a loopback port, never touching the clock.
+# --------------------------------------------------------------------------
+
+
+def wait_for_ntp(port: int, timeout: float = 10.0) -> None:
+    """Wait until 127.0.0.1:port answers an SNTP client request."""
+    request = b"\x23" + bytes(47)  # version 4, mode 3
+    deadline = time.monotonic() + timeout
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.settimeout(0.2)
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                probe.sendto(request, ("127.0.0.1", port))
+                if len(probe.recv(1024)) >= 48:
+                    return
+    raise Unavailable(f"nothing answered NTP on 127.0.0.1:{port} within {timeout}s")
+
+
+def chronyd_command(directory: Path, port: int) -> list[str]:
+    """Write a chrony.conf into ``directory`` for NTP on 127.0.0.1:``port``;
+    return the chronyd command line that uses it.
+
+    ``-x``: never adjust the system clock; ``local stratum 10``: serve the
+    local clock; no ``ratelimit`` line, so rate limiting is off; ``cmdport
+    0``: no control socket.  It runs as root (dropping to the _chrony user
+    would need its own directories) but with ``-x`` it changes nothing.
+    """
+    config = directory / "chrony.conf"
+    config.write_text(
+        f"port {port}\n"
+        "bindaddress 127.0.0.1\n"
+        "allow 127.0.0.1\n"
+        "local stratum 10\n"
+        "cmdport 0\n"
+        f"pidfile {directory / 'chronyd.pid'}\n"
+        f"driftfile {directory / 'drift'}\n"
+    )
+    return ["chronyd", "-x", "-d", "-u", "root", "-f", str(config)]
+
+
+@contextlib.contextmanager
+def chronyd() -> Iterator[RunningServer]:
+    """Debian's chronyd serving NTP on a free loopback port (see chronyd_command)."""
+    require("chronyd")
+    port = free_port(socket.SOCK_DGRAM)
+    with scratch("chronyd") as directory:
+        argv = chronyd_command(directory, port)
+        with running("chronyd", argv, port, directory, tcp=False) as server:
+            wait_for_ntp(port)
+            yield server

@@ -28,6 +28,7 @@ COMMAND_MODULES: list[str] = [
     "netlab.configcli",
     "netlab.keygen",
     "netlab.filecli",
+    "netlab.timecli",
     "netlab.chat.cli",
 ]
 

@@ -21,6 +21,7 @@ import math
 import os
 import re
 import sys
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
@@ -794,14 +795,151 @@ class CommandSection:
 
 
 @attrs.frozen
+class TimeFormat(Kind[str]):
+    """A ``strftime`` format whose output is short enough for one reply."""
+
+    form: str = (
+        'a strftime format such as "%Y-%m-%d %H:%M:%S", output at most 200 bytes'
+    )
+
+    def parse(self, value: object, context: ParseContext) -> str:
+        if not isinstance(value, str) or not value:
+            raise Invalid(f"{_describe(value)} is not a non-empty string")
+        try:
+            sample = time.strftime(value, time.localtime(0)).encode("utf-8")
+        except (ValueError, UnicodeEncodeError) as error:
+            raise Invalid(
+                f"{_describe(value)} is not a valid format: {error}"
+            ) from None
+        # %c, %x ... expand: the longest output stays well inside one datagram.
+        if len(value) > 100 or len(sample) > 200:
+            raise Invalid(f"{_describe(value)} is too long")
+        return value
+
+
+@attrs.frozen
+class ReferenceId(Kind[bytes]):
+    """An NTP reference id: up to 4 ASCII letters/digits, or an IPv4 address."""
+
+    form: str = 'up to 4 capital letters or digits ("LOCL", "GPS") or an IPv4 address'
+
+    def parse(self, value: object, context: ParseContext) -> bytes:
+        if not isinstance(value, str):
+            raise Invalid(f"{_describe(value)} is not a string")
+        if re.fullmatch(r"[A-Z0-9]{1,4}", value):
+            return value.encode("ascii").ljust(4, b"\0")
+        try:
+            return ipaddress.IPv4Address(value).packed
+        except ValueError:
+            raise Invalid(f"{_describe(value)} is not a reference id") from None
+
+    def render(self, value: bytes) -> str:
+        if value.rstrip(b"\0").isalnum():
+            return toml_literal(value.rstrip(b"\0").decode("ascii"))
+        return toml_literal(str(ipaddress.IPv4Address(value)))
+
+
+@attrs.frozen
 class TimeSection:
-    """The time service: text time, RFC 868 and SNTPv4 on one UDP port."""
+    """The time service: text time, RFC 868 and SNTPv4 on one UDP port.
+
+    See docs/time.rst for the three request kinds, the replies and the limits.
+    """
 
     enabled: bool = setting(True, Boolean(), "Run the time service.")
     endpoint: str = setting(
         f"udp:8123:interface={LOOPBACK}",
         DatagramEndpoint(),
         "Where the time service listens.",
+    )
+    text_format: str = setting(
+        "%Y-%m-%d %H:%M:%S",
+        TimeFormat(),
+        'The reply to the text command "time" (and to unknown text): a strftime '
+        "format, in the daemon's local time zone.",
+        live=True,
+    )
+    stratum: int = setting(
+        10,
+        Integer(minimum=1, maximum=15),
+        "The NTP stratum reported to clients: one more than the stratum of the "
+        "source that keeps this host's clock (10: a local clock, as chrony's "
+        '"local stratum 10").',
+        live=True,
+    )
+    reference_id: bytes = setting(
+        b"LOCL",
+        ReferenceId(),
+        "The NTP reference id reported to clients: for stratum 1 a code for the "
+        'reference clock ("GPS", "PPS"), otherwise the IPv4 address of the upstream '
+        "server.",
+        live=True,
+    )
+    leap: str = setting(
+        "kernel",
+        Choice(("kernel", "none", "insert", "delete", "unsynchronised")),
+        'The NTP leap indicator. "kernel" asks the kernel (adjtimex) and reports '
+        '"unsynchronised" while the host clock is not synchronised, which makes '
+        "careful clients (chrony, ntpd) ignore this server; the other values "
+        "override what the kernel says.",
+        live=True,
+    )
+    rate: float = setting(
+        4.0,
+        Number(minimum=0),
+        "Requests a second each source address may make in the long run "
+        "(token bucket refill rate). 0 turns per-source limiting off.",
+        live=True,
+    )
+    burst: int = setting(
+        16,
+        Integer(minimum=1, maximum=1_000_000),
+        "Requests a source may make back to back before its rate applies.",
+        live=True,
+    )
+    leak: int = setting(
+        8,
+        Integer(minimum=0, maximum=1_000_000),
+        "A source over its limit still gets one request in this many answered, "
+        "so a flood spoofed in a victim's name cannot cut the victim off. "
+        "0: never.",
+        live=True,
+    )
+    max_sources: int = setting(
+        65536,
+        Integer(minimum=1, maximum=10_000_000),
+        "How many source addresses the rate limiter remembers (about 200 bytes "
+        "each); the least recently seen is forgotten first.",
+        live=True,
+    )
+    global_rate: float = setting(
+        50000.0,
+        Number(minimum=0),
+        "Replies a second the whole service (each worker) sends at most, "
+        "whatever the sources. 0 turns the ceiling off.",
+        live=True,
+    )
+    kod_rate: float = setting(
+        1.0,
+        Number(minimum=0),
+        'NTP "kiss-o\'-death" RATE replies a second sent, service-wide, to '
+        "clients over their limit (everyone else over the limit gets silence). "
+        "0: never.",
+        live=True,
+    )
+    stats_interval: float = setting(
+        60.0,
+        Duration(minimum=1),
+        "How often the counters (answered, dropped by reason) are logged.",
+        live=True,
+    )
+    workers: int = setting(
+        1,
+        Integer(minimum=1, maximum=64),
+        "Processes answering on the port. More than 1 starts worker processes "
+        "that share the port with SO_REUSEPORT (or share the systemd socket); "
+        "worth it only with more than one free core. Rate limits apply per "
+        "process.",
     )
 
 

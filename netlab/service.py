@@ -11,8 +11,6 @@ configuration on reload.
 from __future__ import annotations
 
 import importlib
-import os
-import socket
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,7 +21,6 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
     IListeningPort,
     IProtocolFactory,
-    IReactorSocket,
     IReactorUDP,
 )
 from twisted.internet.protocol import DatagramProtocol
@@ -34,6 +31,12 @@ from zope.interface import Attribute, implementer
 from netlab.config import NetlabConfig, split_endpoint
 from netlab.errors import ConfigError
 from netlab.logs import NetlabLogObserver
+from netlab.systemd import (
+    ActivationError,
+    adopt_datagram_socket,
+    check_stream_socket,
+    inherited_descriptor,
+)
 
 log = Logger(namespace="netlab")
 
@@ -78,19 +81,12 @@ def changed_restart_keys(old: Any, new: Any, section: str) -> list[str]:
 
 
 def systemd_descriptor(name: str) -> int:
-    """The inherited descriptor systemd passed under ``name``.
-
-    Twisted's endpoint module removes ``LISTEN_FDS`` from the environment when
-    it is imported, but ``LISTEN_FDNAMES`` stays, and descriptors start at 3.
-    """
-    names = [n for n in os.environ.get("LISTEN_FDNAMES", "").split(":") if n]
-    if name not in names:
-        raise ServiceStartError(
-            f"systemd passed no socket named {name!r} (LISTEN_FDNAMES="
-            f"{os.environ.get('LISTEN_FDNAMES', '')!r}); check FileDescriptorName= "
-            "in the .socket unit"
-        )
-    return 3 + names.index(name)
+    """The descriptor systemd passed under ``name`` (for services that share
+    one inherited socket with helper processes)."""
+    try:
+        return inherited_descriptor(name)
+    except ActivationError as error:
+        raise ServiceStartError(str(error)) from None
 
 
 @implementer(INetlabService)
@@ -182,14 +178,15 @@ class StreamListeningService(ListeningService):
         return description
 
     def listen(self) -> IListeningPort:
+        address = self.config.listen_address(self.section_name)
+        if address.kind == "systemd":
+            assert address.name is not None
+            try:
+                check_stream_socket(address.name, address.options["domain"])
+            except ActivationError as error:
+                raise ServiceStartError(f"[{self.name}] {error}") from None
         try:
             endpoint = serverFromString(self.reactor, self.endpoint_description())
-        except KeyError as error:
-            # Twisted's systemd: parser looks the name up at parse time.
-            raise ServiceStartError(
-                f"[{self.name}] systemd passed no socket named {error.args[0]!r}; "
-                "check FileDescriptorName= in the .socket unit"
-            ) from None
         except (ValueError, OSError) as error:
             raise ServiceStartError(f"[{self.name}] endpoint: {error}") from None
         listening = endpoint.listen(self.factory())
@@ -216,11 +213,11 @@ class DatagramListeningService(ListeningService):
 
     def listen(self) -> IListeningPort:
         address = self.config.listen_address(self.section_name)
-        reactor: IReactorUDP = self.reactor
         if address.kind == "systemd":
             assert address.name is not None
             return self._adopt(address.name)
         assert address.port is not None
+        reactor: IReactorUDP = self.reactor
         return reactor.listenUDP(
             address.port,
             self.protocol(),
@@ -229,28 +226,12 @@ class DatagramListeningService(ListeningService):
         )
 
     def _adopt(self, name: str) -> IListeningPort:
-        descriptor = systemd_descriptor(name)
         try:
-            sock = socket.socket(fileno=os.dup(descriptor))
-        except OSError as error:
-            raise ServiceStartError(
-                f"[{self.name}] systemd socket {name!r}: {error.strerror}"
-            ) from None
-        with sock:
-            if sock.type != socket.SOCK_DGRAM:
-                raise ServiceStartError(
-                    f"[{self.name}] systemd socket {name!r} is not a datagram socket; "
-                    "use ListenDatagram= in the .socket unit"
-                )
-            # A blocking socket would freeze the reactor on a spurious wake-up.
-            sock.setblocking(False)
-            reactor: IReactorSocket = self.reactor
-            # adoptDatagramPort duplicates the descriptor, so ours is closed here.
-            port: IListeningPort = reactor.adoptDatagramPort(
-                sock.fileno(), sock.family, self.protocol(), self.max_packet_size
+            return adopt_datagram_socket(
+                self.reactor, name, self.protocol(), self.max_packet_size
             )
-        os.close(descriptor)
-        return port
+        except ActivationError as error:
+            raise ServiceStartError(f"[{self.name}] {error}") from None
 
 
 def _escape(path: str) -> str:
@@ -263,7 +244,7 @@ def _escape(path: str) -> str:
 SERVICE_BUILDERS: dict[str, str | None] = {
     "file": "netlab.fileservice:build",
     "command": None,
-    "time": None,
+    "time": "netlab.timeservice:build",
     "chat": "netlab.chat.service:build",
 }
 
@@ -336,9 +317,12 @@ class NetlabService(MultiService):
             if name not in self.namedServices:
                 restart.append(f"[{name}] enabled")
         for child in self:
+            # Other children (the daemon's lifecycle) have no section to apply.
+            if not INetlabService.providedBy(child):
+                continue
             if not config.section(child.name).enabled:
                 restart.append(f"[{child.name}] enabled")
             else:
-                restart.extend(INetlabService(child).reconfigure(config))
+                restart.extend(child.reconfigure(config))
         self.config = config
         return restart

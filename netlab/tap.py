@@ -7,6 +7,7 @@ exit status 3 (``--check`` reports a valid configuration and exits 0).
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -15,8 +16,10 @@ from twisted.python import usage
 from netlab import __version__
 from netlab.config import SERVICE_TRANSPORTS, NetlabConfig, load
 from netlab.errors import ConfigError, ExitCode
+from netlab.lifecycle import Lifecycle
 from netlab.logs import NetlabLogObserver, open_destination
 from netlab.service import NetlabService, ServiceStartError, check_available
+from netlab.systemd import Notifier
 from netlab.tcpservice import check_tls_files
 
 
@@ -113,4 +116,7 @@ def makeService(options: Options) -> NetlabService:
         )
     service = _FailFastService(config, reactor, observer)
     service.nodaemon = nodaemon
+    # Last child: it starts once every service listens and stops first.
+    notifier = Notifier.from_environment(os.environ)
+    Lifecycle(reactor, notifier, load_daemon_config).setServiceParent(service)
     return service

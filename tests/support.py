@@ -36,6 +36,16 @@ endpoint = "udp:0:interface=127.0.0.1"
 endpoint = "udp:0:interface=127.0.0.1"
 """
 
+#: Every service switched off: for tests of the daemon around the services.
+ALL_OFF = """
+[file]
+enabled = false
+[time]
+enabled = false
+[chat]
+enabled = false
+"""
+
 
 def temporary_directory(testcase: Any) -> Path:
     """A fresh directory removed when the test ends (never inside the checkout)."""
@@ -45,10 +55,14 @@ def temporary_directory(testcase: Any) -> Path:
 
 
 def write_config(directory: Path, text: str, name: str = "netlab.toml") -> Path:
-    """Write a configuration file whose state directory is inside ``directory``."""
+    """Write a configuration file whose state directory is inside ``directory``
+    (unless ``text`` sets one)."""
     body = textwrap.dedent(text)
+    state = f'state_directory = "{directory / "state"}"\n'
     if "[netlab]" not in body:
-        body = f'[netlab]\nstate_directory = "{directory / "state"}"\n' + body
+        body = "[netlab]\n" + state + body
+    elif "state_directory" not in body:
+        body = body.replace("[netlab]\n", "[netlab]\n" + state, 1)
     path = directory / name
     path.write_text(body)
     return path
@@ -70,8 +84,10 @@ class Daemon:
         extra_args: tuple[str, ...] = (),
         env: dict[str, str] | None = None,
         cwd: Path | None = None,
+        wrapper: tuple[str, ...] = (),
     ) -> None:
-        arguments = [*TWISTD, "--nodaemon", "--pidfile="]
+        # wrapper: a command that execs twistd, e.g. systemd-socket-activate.
+        arguments = [*wrapper, *TWISTD, "--nodaemon", "--pidfile="]
         arguments += ["netlab", *extra_args]
         if config is not None:
             arguments += ["--config", str(config)]

@@ -10,10 +10,12 @@ from typing import Any
 import attrs
 from twisted.application.service import Application, IService
 from twisted.internet.address import IPv4Address
+from twisted.internet.endpoints import _SystemdParser
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 from twisted.internet.testing import MemoryReactor
 from twisted.logger import ILogObserver, Logger
+from twisted.python.systemd import ListenFDs
 from twisted.trial.unittest import TestCase
 
 from netlab import service as service_module
@@ -27,16 +29,7 @@ from netlab.service import (
 )
 from netlab.tap import Options, describe, makeService
 
-from .support import temporary_directory, write_config
-
-ALL_OFF = """
-[file]
-enabled = false
-[time]
-enabled = false
-[chat]
-enabled = false
-"""
+from .support import ALL_OFF, temporary_directory, write_config
 
 
 class OptionsTests(TestCase):
@@ -187,7 +180,9 @@ class ListeningServiceTests(TestCase):
         path = write_config(
             directory, '[time]\nendpoint = "systemd:name=netlab-time"\n'
         )
-        self.patch(service_module.os, "environ", {"LISTEN_FDNAMES": "other"})
+        # What Twisted's systemd: endpoint table holds when systemd passed
+        # one socket named "other" (tests/test_systemd.py passes real ones).
+        self.patch(_SystemdParser, "_sddaemon", ListenFDs([3], ("other",)))
         service = EchoDatagramService(load(path), MemoryReactor())
         error = self.assertRaises(ServiceStartError, service.privilegedStartService)
         self.assertIn("no socket named 'netlab-time'", str(error))
