@@ -14,6 +14,7 @@ while running and returns the changes that need a restart, which are logged.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,7 @@ from types import FrameType
 from typing import Any
 
 from twisted.application.service import Service
+from twisted.internet.error import ReactorNotRunning
 from twisted.logger import Logger
 
 from netlab.config import NetlabConfig
@@ -48,6 +50,7 @@ class Lifecycle(Service):
         self.notifier = notifier
         self.load_config = load_config
         self._previous_handler: SignalHandler = None
+        self._previous_term_handler: SignalHandler = None
 
     @property
     def root(self) -> NetlabService:
@@ -84,9 +87,20 @@ class Lifecycle(Service):
     def _ready(self) -> None:
         if not self.running:
             return
+        # SIGTERM is how systemd and operators ask for a stop, so a stop it
+        # asked for exits 0; the reactor's own handler (installed by now)
+        # would make twistd re-raise the signal and exit with -15.
+        self._previous_term_handler = signal.signal(signal.SIGTERM, self._sigterm)
         status = self.status()
         log.info("netlab ready: {status}", event="netlab.ready", status=status)
         self._notify(READY="1", STATUS=status)
+
+    def _sigterm(self, signum: int, frame: FrameType | None) -> None:
+        self.reactor.callFromThread(self._stop_reactor)
+
+    def _stop_reactor(self) -> None:
+        with contextlib.suppress(ReactorNotRunning):  # A second TERM while stopping.
+            self.reactor.stop()
 
     def _sighup(self, signum: int, frame: FrameType | None) -> None:
         # A signal handler may interrupt the reactor anywhere: only queue the
@@ -152,10 +166,11 @@ class Lifecycle(Service):
     def stopService(self) -> None:
         self._notify(STOPPING="1", STATUS="stopping")
         log.info("netlab stopping", event="netlab.stopping")
-        if signal.getsignal(signal.SIGHUP) == self._sighup:
-            # None: the previous handler was not installed from Python.
-            previous = self._previous_handler
-            signal.signal(
-                signal.SIGHUP, signal.SIG_DFL if previous is None else previous
-            )
+        for number, ours, previous in (
+            (signal.SIGHUP, self._sighup, self._previous_handler),
+            (signal.SIGTERM, self._sigterm, self._previous_term_handler),
+        ):
+            if signal.getsignal(number) == ours:
+                # None: the previous handler was not installed from Python.
+                signal.signal(number, signal.SIG_DFL if previous is None else previous)
         super().stopService()

@@ -147,7 +147,8 @@ class Daemon:
                 )
 
     def wait_listening(self, services: int, timeout: float = 20.0) -> dict[str, Any]:
-        """Wait until ``services`` services have logged their address."""
+        """Wait until ``services`` services have logged their address and the
+        daemon has said it is ready (its reactor runs: signals are handled)."""
         deadline = time.monotonic() + timeout
         while len(self.addresses) < services:
             self.wait_for(LISTENING.pattern, max(0.1, deadline - time.monotonic()))
@@ -156,6 +157,7 @@ class Daemon:
                 self._read(0.2)
             if time.monotonic() > deadline:
                 raise AssertionError("services did not all listen:\n" + self.log)
+        self.wait_for(r"netlab ready", max(0.1, deadline - time.monotonic()))
         return self.addresses
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 5.0) -> int:

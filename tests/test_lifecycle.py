@@ -103,8 +103,8 @@ class LifecycleTests(TestCase):
         self.lifecycle = Lifecycle(self.reactor, notifier, load_daemon_config)
         self.lifecycle.setServiceParent(self.root)
         self.file = self.root.getServiceNamed("file")
-        previous = signal.getsignal(signal.SIGHUP)
-        self.addCleanup(signal.signal, signal.SIGHUP, previous)
+        for number in (signal.SIGHUP, signal.SIGTERM):
+            self.addCleanup(signal.signal, number, signal.getsignal(number))
 
     def start(self) -> None:
         """Start the tree as twistd does, and let the reactor run."""
@@ -256,6 +256,22 @@ class LifecycleTests(TestCase):
         signal.raise_signal(signal.SIGHUP)
         self.assertEqual(self.reactor.thread_calls, [(self.lifecycle.reload, (), {})])
         self.assertEqual(received(self.listener), [])
+
+    def test_sigterm_stops_the_reactor_cleanly(self) -> None:
+        """Once running, SIGTERM queues a plain reactor stop (so twistd exits 0,
+        not -15); a second SIGTERM while stopping is harmless; stopping
+        restores the previous handler."""
+        self.start()
+        self.assertEqual(signal.getsignal(signal.SIGTERM), self.lifecycle._sigterm)
+        signal.raise_signal(signal.SIGTERM)
+        signal.raise_signal(signal.SIGTERM)
+        calls = self.reactor.thread_calls
+        self.assertEqual(calls, [(self.lifecycle._stop_reactor, (), {})] * 2)
+        for function, args, kwargs in calls:
+            function(*args, **kwargs)
+        self.assertTrue(self.reactor.hasStopped)
+        self.root.stopService()
+        self.assertNotEqual(signal.getsignal(signal.SIGTERM), self.lifecycle._sigterm)
 
     def test_sighup_handler_removed_on_stop(self) -> None:
         """Stopping restores the SIGHUP handler that was there before."""

@@ -106,7 +106,7 @@ class TwistdTests(TestCase):
             + EPHEMERAL,
         )
         daemon = Daemon(self, path)
-        daemon.wait_for('"event": "netlab.listening"')
+        daemon.wait_for('"event": "netlab.ready"')
         self.stop_cleanly(daemon)
         records = [json.loads(line) for line in daemon.output if line.strip()]
         events = {record.get("event") for record in records}
