@@ -39,12 +39,36 @@ log = Logger(namespace="netlab.time")
 SOCKET_DESCRIPTOR = 3
 
 
-@implementer(IReadDescriptor)
-class ParentWatch:
-    """Stops the reactor when the daemon's end of our stdin closes."""
+class Stopper:
+    """Stops the reactor once, whichever comes first: a signal or the daemon's end.
+
+    Twisted's own signal handlers are not installed (a worker has no
+    children to reap): a second SIGTERM (``timeout``, process-group signals)
+    would make them stop a stopped reactor and log a traceback.
+    """
 
     def __init__(self, reactor: Any) -> None:
         self.reactor = reactor
+        self.stopping = False
+
+    def stop(self, why: str) -> None:
+        if not self.stopping:
+            self.stopping = True
+            log.info("worker stopping: {why}", event="time.worker.stopping", why=why)
+            self.reactor.stop()
+
+    def on_signal(self, number: int, frame: object) -> None:
+        name = signal.Signals(number).name
+        self.reactor.callFromThread(self.stop, name)
+
+
+@implementer(IReadDescriptor)
+class ParentWatch:
+    """Stops the worker when the daemon's end of our stdin closes."""
+
+    def __init__(self, reactor: Any, stopper: Stopper) -> None:
+        self.reactor = reactor
+        self.stopper = stopper
 
     def fileno(self) -> int:
         return 0
@@ -63,9 +87,7 @@ class ParentWatch:
 
     def orphaned(self) -> None:
         self.reactor.removeReader(self)
-        if self.reactor.running:
-            log.info("daemon gone, worker stopping", event="time.worker.orphaned")
-            self.reactor.stop()
+        self.stopper.stop("the daemon is gone")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -91,7 +113,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         index=args.index,
         address=describe_address(port.getHost()),
     )
-    reactor.addReader(ParentWatch(reactor))
+    stopper = Stopper(reactor)
+    reactor.addReader(ParentWatch(reactor, stopper))
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, stopper.on_signal)
 
     state = {"section": config.time}
 
@@ -122,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(reload))  # type: ignore[attr-defined]
     reporter.start(config.time.stats_interval, now=False)
     reactor.addSystemEventTrigger("before", "shutdown", report)
-    reactor.run()
+    reactor.run(installSignalHandlers=False)  # type: ignore[call-arg]
 
 
 if __name__ == "__main__":
