@@ -271,6 +271,22 @@ class WorkerTests(TestCase):
         self.assertEqual(sum(served), 60)
         self.assertGreater(len(served), 1)
 
+    def test_workers_reload_on_sighup(self) -> None:
+        """A worker given SIGHUP reads the configuration file again."""
+        self.config.write_text(
+            self.config.read_text().replace(
+                'leap = "none"', 'leap = "none"\ntext_format = "reloaded %Y"'
+            )
+        )
+        for pid in self.workers:
+            os.kill(pid, signal.SIGHUP)
+        replies = set()
+        deadline = time.monotonic() + 10
+        while not any(r.startswith(b"reloaded") for r in replies):
+            self.assertLess(time.monotonic(), deadline, replies)
+            replies.add(exchange(self.port, b"time"))
+        self.assertNotIn("reload failed", self.daemon.log)
+
     def test_workers_stop_with_daemon(self) -> None:
         """SIGTERM stops the daemon and its workers cleanly."""
         # twistd ends by re-raising the signal that stopped it.

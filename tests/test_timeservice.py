@@ -13,11 +13,12 @@ import attrs
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import Clock
-from twisted.internet.testing import FakeDatagramTransport
+from twisted.internet.testing import FakeDatagramTransport, MemoryReactorClock
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from netlab.config import NetlabConfig, TimeSection, from_mapping
+from netlab.errors import ConfigError
 from netlab.timeproto import (
     LEAP_INSERT,
     LEAP_NONE,
@@ -35,6 +36,7 @@ from netlab.timeservice import (
     KernelClock,
     TimeResponder,
     TimeService,
+    WorkerProcess,
     kernel_clock,
     log_counters,
 )
@@ -469,3 +471,70 @@ class LoopbackTests(TestCase):
     def test_packet_size_above_maximum_udp_payload(self) -> None:
         """The service reads up to more than the largest UDP payload (65507)."""
         self.assertGreater(TimeService.max_packet_size, 65507)
+
+
+class ConfigTests(TestCase):
+    def load(self, table: dict[str, Any]) -> NetlabConfig:
+        directory = temporary_directory(self)
+        return from_mapping({"time": table}, base_directory=directory)
+
+    def test_reference_id_forms(self) -> None:
+        """A reference id is up to 4 capitals/digits (NUL padded) or an IPv4 address."""
+        self.assertEqual(self.load({"reference_id": "GPS"}).time.reference_id, b"GPS\0")
+        self.assertEqual(
+            self.load({"reference_id": "192.0.2.1"}).time.reference_id,
+            b"\xc0\x00\x02\x01",
+        )
+
+    def test_bad_values_are_refused(self) -> None:
+        """Bad reference ids, formats, strata and worker counts stop the load."""
+        for key, value in (
+            ("reference_id", "gps!"),
+            ("reference_id", "300.1.1.1"),
+            ("text_format", ""),
+            ("text_format", "%c" * 50),
+            ("stratum", 0),
+            ("stratum", 16),
+            ("workers", 0),
+            ("leap", "maybe"),
+            ("rate", -1),
+        ):
+            with self.subTest(key=key, value=value):
+                error = self.assertRaises(ConfigError, self.load, {key: value})
+                self.assertIn(f"[time] {key}:", str(error))
+
+
+class _SignalRecorder:
+    def __init__(self) -> None:
+        self.signals: list[str] = []
+
+    def signalProcess(self, name: str) -> None:
+        self.signals.append(name)
+
+
+class ReconfigureTests(TestCase):
+    def config(self, **time_settings: Any) -> NetlabConfig:
+        directory = temporary_directory(self)
+        return from_mapping(
+            {"netlab": {"state_directory": str(directory)}, "time": time_settings},
+            base_directory=directory,
+        )
+
+    def test_live_keys_apply_and_workers_need_restart(self) -> None:
+        """A reload applies the live keys, reports workers, and signals the workers."""
+        service = TimeService(self.config(text_format="%Y"), MemoryReactorClock())
+        worker = WorkerProcess(1)
+        recorder = _SignalRecorder()
+        worker.transport = recorder  # type: ignore[assignment]
+        service.workers.append(worker)
+        restart = service.reconfigure(self.config(text_format="%m", workers=2))
+        self.assertEqual(list(restart), ["[time] workers"])
+        self.assertEqual(service.responder.text_format, "%m")
+        self.assertEqual(recorder.signals, ["HUP"])
+
+    def test_every_time_key_but_three_is_live(self) -> None:
+        """enabled, endpoint and workers need a restart; the rest reload."""
+        from netlab.config import keys
+
+        restart_only = {info.name for info in keys("time") if not info.live}
+        self.assertEqual(restart_only, {"enabled", "endpoint", "workers"})
