@@ -19,6 +19,7 @@ from twisted.trial.unittest import TestCase
 
 from netlab.config import NetlabConfig, TimeSection, from_mapping
 from netlab.errors import ConfigError
+from netlab.service import ServiceStartError
 from netlab.timeproto import (
     LEAP_INSERT,
     LEAP_NONE,
@@ -538,3 +539,32 @@ class ReconfigureTests(TestCase):
 
         restart_only = {info.name for info in keys("time") if not info.live}
         self.assertEqual(restart_only, {"enabled", "endpoint", "workers"})
+
+
+class IPv6LoopbackTests(TestCase):
+    @defer.inlineCallbacks
+    def test_answers_over_ipv6(self) -> Any:
+        """An endpoint on ::1 answers IPv6 clients (addresses as (host, port))."""
+        if not socket.has_ipv6:
+            self.skipTest("no IPv6")
+        directory = temporary_directory(self)
+        config = from_mapping(
+            {
+                "netlab": {"state_directory": str(directory)},
+                "time": {"endpoint": "udp:0:interface=\\:\\:1"},
+            },
+            base_directory=directory,
+        )
+        service = TimeService(config, reactor)
+        try:
+            service.privilegedStartService()
+        except ServiceStartError as error:
+            self.skipTest(f"cannot bind ::1 here: {error}")
+        self.addCleanup(service.stopService)
+        service.startService()
+        receiver = Receiver()
+        client = reactor.listenUDP(0, receiver, interface="::1")
+        self.addCleanup(client.stopListening)
+        client.write(b"unix", ("::1", service.listening_address.port))
+        reply = yield receiver.replies.get().addTimeout(5, reactor)
+        self.assertRegex(reply, rb"^\d+\.\d{6}$")
