@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import os
 import socket
 import struct
@@ -36,10 +37,10 @@ from twisted.internet import defer, udp
 from twisted.internet.interfaces import IListeningPort, IReactorProcess
 from twisted.internet.protocol import DatagramProtocol, ProcessProtocol
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
+from twisted.logger import Logger, eventFromJSON, globalLogPublisher
 from twisted.python.failure import Failure
 
-from netlab.config import NetlabConfig, TimeSection
+from netlab.config import NetlabConfig, TimeSection, format_duration
 from netlab.ratelimit import RateLimiter, TokenBucket, Verdict
 from netlab.service import (
     DatagramListeningService,
@@ -153,13 +154,22 @@ _KERNEL_LEAP = {
 }
 
 
-def kernel_clock() -> KernelClock | None:
-    """Ask the kernel (adjtimex with no modes set: read only); None if it cannot."""
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    # find_library runs ldconfig: once per process, not on every refresh.
     library = ctypes.util.find_library("c")
     if sys.platform != "linux" or library is None:
         return None
+    return ctypes.CDLL(library, use_errno=True)
+
+
+def kernel_clock() -> KernelClock | None:
+    """Ask the kernel (adjtimex with no modes set: read only); None if it cannot."""
+    libc = _libc()
+    if libc is None:
+        return None
     timex = _Timex()
-    state = ctypes.CDLL(library, use_errno=True).adjtimex(ctypes.byref(timex))
+    state = libc.adjtimex(ctypes.byref(timex))
     if state < 0:
         return None
     # TIME_ERROR (5): STA_UNSYNC is set, nothing (ntpd, chrony, timesyncd)
@@ -349,8 +359,9 @@ def log_counters(counters: dict[str, int], interval: float, worker: int) -> None
     """Log one counters event (only the counters that moved appear in the text)."""
     moved = ", ".join(f"{name} {value}" for name, value in counters.items() if value)
     log.info(
-        "time counters, last {interval:.0f}s (worker {worker}): {summary}",
+        "time counters, last {period} (worker {worker}): {summary}",
         event="time.counters",
+        period=format_duration(interval),
         interval=interval,
         worker=worker,
         summary=moved or "no requests",
@@ -441,12 +452,37 @@ def adopt(
 
 
 class WorkerProcess(ProcessProtocol):
-    """The daemon's side of one worker: its stdin pipe and its exit."""
+    """The daemon's side of one worker: its stdin pipe, its log, its exit.
+
+    The worker writes its log events as JSON lines to its stdout; they are
+    published here again, so they reach wherever (and in whatever format)
+    the daemon logs, daemonized or not.
+    """
 
     def __init__(self, index: int) -> None:
         self.index = index
         self.ended: defer.Deferred[None] = defer.Deferred()
         self.running = True
+        self.pending = b""
+
+    def outReceived(self, data: bytes) -> None:
+        *lines, self.pending = (self.pending + data).split(b"\n")
+        for line in lines:
+            if line.strip():
+                self.relay(line.decode("utf-8", "replace"))
+
+    def relay(self, line: str) -> None:
+        try:
+            event = eventFromJSON(line)
+        except ValueError:
+            log.info(
+                "time worker {index}: {line}",
+                event="time.worker.output",
+                index=self.index,
+                line=line,
+            )
+        else:
+            globalLogPublisher(event)
 
     def processEnded(self, reason: Failure) -> None:
         self.running = False
@@ -551,7 +587,7 @@ class TimeService(DatagramListeningService):
                 sys.executable,
                 [*arguments, "--index", str(index)],
                 env=os.environ.copy(),
-                childFDs={0: "w", 1: 1, 2: 2, 3: sock.fileno()},
+                childFDs={0: "w", 1: "r", 2: 2, 3: sock.fileno()},
             )
             sock.close()
             self.workers.append(worker)

@@ -4,7 +4,8 @@
 on descriptor 3, a UDP socket the daemon bound (with SO_REUSEPORT, so the
 kernel spreads clients over the processes) or the socket systemd passed.  It
 runs the same :class:`~netlab.timeservice.TimeResponder` as the daemon, logs
-its own counters, re-reads the configuration on SIGHUP (the daemon forwards
+its own counters (as JSON lines on stdout, which the daemon publishes in its
+own log), re-reads the configuration on SIGHUP (the daemon forwards
 its reload) and exits when its stdin, a pipe from the daemon, closes: so a
 worker never outlives the daemon, even one killed with SIGKILL.
 """
@@ -47,14 +48,20 @@ class Stopper:
     would make them stop a stopped reactor and log a traceback.
     """
 
-    def __init__(self, reactor: Any) -> None:
+    def __init__(self, reactor: Any, index: int) -> None:
         self.reactor = reactor
+        self.index = index
         self.stopping = False
 
     def stop(self, why: str) -> None:
         if not self.stopping:
             self.stopping = True
-            log.info("worker stopping: {why}", event="time.worker.stopping", why=why)
+            log.info(
+                "time worker {index} stopping: {why}",
+                event="time.worker.stopping",
+                index=self.index,
+                why=why,
+            )
             self.reactor.stop()
 
     def on_signal(self, number: int, frame: object) -> None:
@@ -100,9 +107,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     from twisted.internet import reactor
     from twisted.internet.task import LoopingCall
 
-    observer = NetlabLogObserver.create(
-        config.netlab.log_format, config.netlab.log_level, sys.stdout
-    )
+    # JSON lines to the daemon, which publishes them in its own log.
+    observer = NetlabLogObserver.create("json", config.netlab.log_level, sys.stdout)
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
     responder = TimeResponder(config.time, reactor)
@@ -113,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         index=args.index,
         address=describe_address(port.getHost()),
     )
-    stopper = Stopper(reactor)
+    stopper = Stopper(reactor, args.index)
     reactor.addReader(ParentWatch(reactor, stopper))
     for number in (signal.SIGTERM, signal.SIGINT):
         signal.signal(number, stopper.on_signal)

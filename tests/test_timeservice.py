@@ -568,3 +568,29 @@ class IPv6LoopbackTests(TestCase):
         client.write(b"unix", ("::1", service.listening_address.port))
         reply = yield receiver.replies.get().addTimeout(5, reactor)
         self.assertRegex(reply, rb"^\d+\.\d{6}$")
+
+
+class WorkerLogTests(TestCase):
+    def test_worker_json_lines_are_published(self) -> None:
+        """A worker's JSON log lines, split anywhere, become events in the daemon."""
+        from twisted.logger import eventAsJSON
+
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        line = eventAsJSON(
+            {
+                "log_format": "hello {who}",
+                "who": "daemon",
+                "event": "time.test",
+                "log_namespace": "netlab.time",
+                "log_time": 1.0,
+            }  # fmt: skip
+        ).encode()
+        worker = WorkerProcess(2)
+        worker.outReceived(line[:10])
+        worker.outReceived(line[10:] + b"\nnot json\n")
+        relayed = [e for e in events if e.get("event") == "time.test"]
+        self.assertEqual([e["who"] for e in relayed], ["daemon"])
+        (raw,) = [e for e in events if e.get("event") == "time.worker.output"]
+        self.assertEqual((raw["index"], raw["line"]), (2, "not json"))
