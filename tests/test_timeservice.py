@@ -585,7 +585,7 @@ class WorkerLogTests(TestCase):
                 "event": "time.test",
                 "log_namespace": "netlab.time",
                 "log_time": 1.0,
-            }  # fmt: skip
+            }
         ).encode()
         worker = WorkerProcess(2)
         worker.outReceived(line[:10])
