@@ -189,6 +189,17 @@ class CommandLineTests(TestCase):
         self.assertLess(abs(float(result.stdout) - time.time()), 2)
 
 
+class RateLimitedClientTests(TestCase):
+    def test_kiss_of_death(self) -> None:
+        """A client over its limit is told by a KoD RATE: exit status 6."""
+        _, port, config = start(self, "rate = 0.001\nburst = 1\nleak = 0\n")
+        result = run_netlab("--config", str(config), "time", "--port", str(port),
+                            "--count", "2", "--interval", "0")  # fmt: skip
+        self.assertEqual(result.returncode, 6, result.stderr)
+        self.assertEqual(len(result.stdout.splitlines()), 1)
+        self.assertIn("kiss-o'-death RATE", result.stderr)
+
+
 class ClientFailureTests(TestCase):
     def client_config(self, port: int) -> Path:
         return write_config(
