@@ -37,6 +37,7 @@ from netlab.timeservice import (
     KernelClock,
     TimeResponder,
     TimeService,
+    TimestampingPort,
     WorkerProcess,
     kernel_clock,
     log_counters,
@@ -594,3 +595,29 @@ class WorkerLogTests(TestCase):
         self.assertEqual([e["who"] for e in relayed], ["daemon"])
         (raw,) = [e for e in events if e.get("event") == "time.worker.output"]
         self.assertEqual((raw["index"], raw["line"]), (2, "not json"))
+
+
+class _RefusingSocket:
+    def __init__(self, error: OSError) -> None:
+        self.error = error
+
+    def sendto(self, data: bytes, addr: Any) -> int:
+        raise self.error
+
+
+class TimestampingPortWriteTests(TestCase):
+    def port(self, error: OSError) -> TimestampingPort:
+        port = TimestampingPort(0, DatagramProtocol(), "127.0.0.1", 65536, reactor)
+        port.socket = _RefusingSocket(error)
+        return port
+
+    def test_icmp_refusal_ignored(self) -> None:
+        """A pending ICMP error from an earlier reply does not fail the next one."""
+        self.port(ConnectionRefusedError(errno.ECONNREFUSED, "refused")).write(
+            b"x", CLIENT
+        )
+
+    def test_other_errors_reach_the_responder(self) -> None:
+        """ENOBUFS propagates, so the responder can count it."""
+        port = self.port(OSError(errno.ENOBUFS, "No buffer space available"))
+        self.assertRaises(OSError, port.write, b"x", CLIENT)
