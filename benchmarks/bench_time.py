@@ -6,8 +6,10 @@ bounded time) and reports sustained replies a second and the p50/p99 round
 trip (each request carries its send time in its transmit timestamp, which
 the server echoes as the originate timestamp).  It runs against netlab with
 one process and with ``workers = 2``, against chronyd (rate limiting off in
-both), and against a socket that never answers, which shows the generator's
-own ceiling (requests sent a second).
+both), against a minimal Twisted responder that only builds the reply (the
+floor set by the reactor and Python on this machine), and against a socket
+that never answers, which shows the generator's own ceiling (requests sent a
+second).
 
 Accuracy: ``ntplib`` queries each server in turn; the medians of the offset
 and the round-trip delay are shown.
@@ -187,6 +189,37 @@ def wait_for_line(path: Path, pattern: str, timeout: float = 15.0) -> None:
     raise refservers.Unavailable(f"{path.name}: no line matching {pattern!r}")
 
 
+def minimal_twisted(port: int) -> None:
+    """A Twisted SNTP responder doing nothing but the reply (no checks, no limits).
+
+    It shows what the reactor and a Python datagramReceived cost by
+    themselves on this machine: the floor under netlab's figure.
+    """
+    from twisted.internet import reactor
+    from twisted.internet.protocol import DatagramProtocol
+
+    head = b"\x24\x0a\x00\xec" + bytes(20)  # v4 server, stratum 10
+
+    class Minimal(DatagramProtocol):
+        def datagramReceived(self, data: bytes, addr: tuple[str, int]) -> None:
+            stamp = int((time.time() + 2_208_988_800) * 2**32)
+            times = stamp.to_bytes(8, "big")
+            self.transport.write(head + data[40:48] + times + times, addr)
+
+    reactor.listenUDP(port, Minimal(), interface="127.0.0.1")
+    reactor.run()
+
+
+@contextlib.contextmanager
+def minimal_twisted_server() -> Iterator[refservers.RunningServer]:
+    port = refservers.free_port(socket.SOCK_DGRAM)
+    with refservers.scratch("minimal-twisted") as directory:
+        argv = [sys.executable, __file__, "--minimal-twisted", str(port)]
+        with refservers.running("minimal", argv, port, directory, tcp=False) as server:
+            refservers.wait_for_ntp(port)
+            yield server
+
+
 @contextlib.contextmanager
 def silent_socket() -> Iterator[int]:
     """A bound UDP socket that never answers (the generator's ceiling)."""
@@ -233,7 +266,11 @@ def main() -> int:
         "--generate", nargs=2, metavar=("PORT", "SECONDS"), help=argparse.SUPPRESS
     )
     parser.add_argument("--sink", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--minimal-twisted", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.minimal_twisted:
+        minimal_twisted(args.minimal_twisted)
+        return 0
     if args.generate:
         port, seconds = int(args.generate[0]), float(args.generate[1])
         print(
@@ -250,6 +287,7 @@ def main() -> int:
         ("chronyd", refservers.chronyd),
         ("netlab (1 process)", lambda: netlab_time(1)),
         ("netlab (workers = 2)", lambda: netlab_time(2)),
+        ("minimal Twisted SNTP", minimal_twisted_server),
     ]
     load_rows: list[tuple[str, dict[str, float] | str]] = []
     accuracy_rows: list[tuple[str, tuple[float, float] | str]] = []
@@ -264,7 +302,7 @@ def main() -> int:
                     for key in ("rate", "p50_us", "p99_us")
                 }
                 load_rows.append((name, figures))
-                if "workers" not in name:
+                if name.startswith(("chronyd", "netlab (1")):
                     accuracy_rows.append((name, accuracy(running.port, args.queries)))
         except refservers.Unavailable as reason:
             if not args.quick:

@@ -311,11 +311,11 @@ _CONTROL_BYTES = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _C1_CONTROLS = re.compile("[\x80-\x9f]")
 
 
-def classify(data: bytes) -> tuple[RequestKind, str] | Drop:
-    """Tell what ``data`` asks for; text requests come with their decoded text."""
+def classify(data: bytes) -> RequestKind | Drop:
+    """Tell what ``data`` asks for (a text request is valid UTF-8)."""
     size = len(data)
     if size == 0:
-        return RequestKind.RFC868, ""
+        return RequestKind.RFC868
     if size > MAX_DATAGRAM:
         return Drop.OVERSIZE
     if _CONTROL_BYTES.search(data) is None:
@@ -325,9 +325,9 @@ def classify(data: bytes) -> tuple[RequestKind, str] | Drop:
             pass
         else:
             if _C1_CONTROLS.search(text) is None:
-                return RequestKind.TEXT, text
+                return RequestKind.TEXT
     if size >= NTP_HEADER_SIZE:
-        return RequestKind.NTP, ""
+        return RequestKind.NTP
     return Drop.MALFORMED
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import os
 import socket
 import struct
@@ -36,10 +37,10 @@ from twisted.internet import defer, udp
 from twisted.internet.interfaces import IListeningPort, IReactorProcess
 from twisted.internet.protocol import DatagramProtocol, ProcessProtocol
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
+from twisted.logger import Logger, eventFromJSON, globalLogPublisher
 from twisted.python.failure import Failure
 
-from netlab.config import NetlabConfig, TimeSection
+from netlab.config import NetlabConfig, TimeSection, format_duration
 from netlab.ratelimit import RateLimiter, TokenBucket, Verdict
 from netlab.service import (
     DatagramListeningService,
@@ -153,13 +154,22 @@ _KERNEL_LEAP = {
 }
 
 
-def kernel_clock() -> KernelClock | None:
-    """Ask the kernel (adjtimex with no modes set: read only); None if it cannot."""
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    # find_library runs ldconfig: once per process, not on every refresh.
     library = ctypes.util.find_library("c")
     if sys.platform != "linux" or library is None:
         return None
+    return ctypes.CDLL(library, use_errno=True)
+
+
+def kernel_clock() -> KernelClock | None:
+    """Ask the kernel (adjtimex with no modes set: read only); None if it cannot."""
+    libc = _libc()
+    if libc is None:
+        return None
     timex = _Timex()
-    state = ctypes.CDLL(library, use_errno=True).adjtimex(ctypes.byref(timex))
+    state = libc.adjtimex(ctypes.byref(timex))
     if state < 0:
         return None
     # TIME_ERROR (5): STA_UNSYNC is set, nothing (ntpd, chrony, timesyncd)
@@ -224,6 +234,7 @@ class TimeResponder(DatagramProtocol):
         self.limiter: RateLimiter | None = None
         self.ceiling: TokenBucket | None = None
         self.kod: TokenBucket | None = None
+        self.limiting = False
         self.configure(section)
 
     def configure(self, section: TimeSection) -> None:
@@ -255,6 +266,7 @@ class TimeResponder(DatagramProtocol):
             self.limiter = None
             rate = section.global_rate
             self.ceiling = TokenBucket.full(rate, rate, now) if rate > 0 else None
+        self.limiting = self.limiter is not None or self.ceiling is not None
         kod_rate = section.kod_rate
         self.kod = (
             TokenBucket.full(kod_rate, max(1.0, kod_rate), now) if kod_rate else None
@@ -281,54 +293,65 @@ class TimeResponder(DatagramProtocol):
 
     def datagram_arrived(self, data: bytes, addr: Any, receive_ns: int) -> None:
         """Answer ``data``, which arrived at ``receive_ns`` (Unix nanoseconds)."""
+        # This runs for every datagram: the common case (an NTP request, no
+        # limit reached) takes the fewest steps, which is most of the speed.
         counters = self.counters
-        host, port = addr[0], addr[1]
-        if port < 1024:
+        if addr[1] < 1024:
             counters["dropped-privileged-port"] += 1
             return
         kind = classify(data)
-        if isinstance(kind, Drop):
-            counters["dropped-" + kind.value] += 1
-            return
-        request, text = kind
-        if request is RequestKind.NTP:
+        if kind is RequestKind.NTP:
             problem = check_client_request(data)
             if problem is not None:
                 counters["dropped-" + problem.value] += 1
                 return
-        verdict = self.admit(host)
-        reply: bytes
-        if not verdict.allowed:
-            if (
-                verdict is Verdict.SOURCE_LIMIT
-                and request is RequestKind.NTP
-                and self.kod is not None
-                and self.kod.take(self.reactor.seconds())
-            ):
-                reply = kiss_of_death(
-                    data, b"RATE", ntp_timestamp(receive_ns), self.clock
-                )
-                counters["kod-sent"] += 1
-                self.send(reply, addr)
-                return
-            counters[
-                "dropped-rate-limit"
-                if verdict is Verdict.SOURCE_LIMIT
-                else "dropped-global-limit"
-            ] += 1
+        elif isinstance(kind, Drop):
+            counters["dropped-" + kind.value] += 1
             return
-        if request is RequestKind.NTP:
+        if self.limiting:
+            verdict = self.admit(addr[0])
+            if verdict is not Verdict.ALLOW and not verdict.allowed:
+                self.refuse(kind, verdict, data, addr, receive_ns)
+                return
+        reply: bytes
+        if kind is RequestKind.NTP:
             reply = server_reply(
                 data, self.state, ntp_timestamp(receive_ns), self.clock
             )
             counters["answered-ntp"] += 1
-        elif request is RequestKind.RFC868:
+        elif kind is RequestKind.RFC868:
             reply = rfc868_bytes(receive_ns)
             counters["answered-rfc868"] += 1
         else:
+            text = data.decode("utf-8")  # classify checked it decodes
             reply = text_reply(text, receive_ns, self.text_format).encode("utf-8")
             counters["answered-text"] += 1
         self.send(reply, addr)
+
+    def refuse(
+        self,
+        kind: RequestKind,
+        verdict: Verdict,
+        data: bytes,
+        addr: Any,
+        receive_ns: int,
+    ) -> None:
+        """Deal with a request over a limit: an occasional KoD, else silence."""
+        if (
+            verdict is Verdict.SOURCE_LIMIT
+            and kind is RequestKind.NTP
+            and self.kod is not None
+            and self.kod.take(self.reactor.seconds())
+        ):
+            reply = kiss_of_death(data, b"RATE", ntp_timestamp(receive_ns), self.clock)
+            self.counters["kod-sent"] += 1
+            self.send(reply, addr)
+            return
+        self.counters[
+            "dropped-rate-limit"
+            if verdict is Verdict.SOURCE_LIMIT
+            else "dropped-global-limit"
+        ] += 1
 
     def send(self, reply: bytes, addr: Any) -> None:
         assert self.transport is not None
@@ -349,8 +372,9 @@ def log_counters(counters: dict[str, int], interval: float, worker: int) -> None
     """Log one counters event (only the counters that moved appear in the text)."""
     moved = ", ".join(f"{name} {value}" for name, value in counters.items() if value)
     log.info(
-        "time counters, last {interval:.0f}s (worker {worker}): {summary}",
+        "time counters, last {period} (worker {worker}): {summary}",
         event="time.counters",
+        period=format_duration(interval),
         interval=interval,
         worker=worker,
         summary=moved or "no requests",
@@ -424,6 +448,19 @@ class TimestampingPort(udp.Port):
             except BaseException:
                 log.failure("time responder failed", event="time.responder.failed")
 
+    def write(self, datagram: bytes, addr: Any = None) -> None:
+        """Send a reply to an address ``recvmsg`` gave us.
+
+        ``udp.Port.write`` parses the address string up to three times to
+        check it is an IP address of the socket's family, about a tenth of
+        the cost of a request here; addresses from ``recvmsg`` always are.
+        EINTR is retried by Python itself; other errors reach the responder,
+        which counts them.
+        """
+        with contextlib.suppress(ConnectionRefusedError):
+            # An ICMP error left by an earlier reply: nothing to do.
+            self.socket.sendto(datagram, addr)
+
 
 def adopt(
     reactor: Any, sock: socket.socket, responder: TimeResponder
@@ -441,12 +478,37 @@ def adopt(
 
 
 class WorkerProcess(ProcessProtocol):
-    """The daemon's side of one worker: its stdin pipe and its exit."""
+    """The daemon's side of one worker: its stdin pipe, its log, its exit.
+
+    The worker writes its log events as JSON lines to its stdout; they are
+    published here again, so they reach wherever (and in whatever format)
+    the daemon logs, daemonized or not.
+    """
 
     def __init__(self, index: int) -> None:
         self.index = index
         self.ended: defer.Deferred[None] = defer.Deferred()
         self.running = True
+        self.pending = b""
+
+    def outReceived(self, data: bytes) -> None:
+        *lines, self.pending = (self.pending + data).split(b"\n")
+        for line in lines:
+            if line.strip():
+                self.relay(line.decode("utf-8", "replace"))
+
+    def relay(self, line: str) -> None:
+        try:
+            event = eventFromJSON(line)
+        except ValueError:
+            log.info(
+                "time worker {index}: {line}",
+                event="time.worker.output",
+                index=self.index,
+                line=line,
+            )
+        else:
+            globalLogPublisher(event)
 
     def processEnded(self, reason: Failure) -> None:
         self.running = False
@@ -551,7 +613,7 @@ class TimeService(DatagramListeningService):
                 sys.executable,
                 [*arguments, "--index", str(index)],
                 env=os.environ.copy(),
-                childFDs={0: "w", 1: 1, 2: 2, 3: sock.fileno()},
+                childFDs={0: "w", 1: "r", 2: 2, 3: sock.fileno()},
             )
             sock.close()
             self.workers.append(worker)

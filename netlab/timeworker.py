@@ -4,7 +4,8 @@
 on descriptor 3, a UDP socket the daemon bound (with SO_REUSEPORT, so the
 kernel spreads clients over the processes) or the socket systemd passed.  It
 runs the same :class:`~netlab.timeservice.TimeResponder` as the daemon, logs
-its own counters, re-reads the configuration on SIGHUP (the daemon forwards
+its own counters (as JSON lines on stdout, which the daemon publishes in its
+own log), re-reads the configuration on SIGHUP (the daemon forwards
 its reload) and exits when its stdin, a pipe from the daemon, closes: so a
 worker never outlives the daemon, even one killed with SIGKILL.
 """
@@ -39,12 +40,42 @@ log = Logger(namespace="netlab.time")
 SOCKET_DESCRIPTOR = 3
 
 
+class Stopper:
+    """Stops the reactor once, whichever comes first: a signal or the daemon's end.
+
+    Twisted's own signal handlers are not installed (a worker has no
+    children to reap): a second SIGTERM (``timeout``, process-group signals)
+    would make them stop a stopped reactor and log a traceback.
+    """
+
+    def __init__(self, reactor: Any, index: int) -> None:
+        self.reactor = reactor
+        self.index = index
+        self.stopping = False
+
+    def stop(self, why: str) -> None:
+        if not self.stopping:
+            self.stopping = True
+            log.info(
+                "time worker {index} stopping: {why}",
+                event="time.worker.stopping",
+                index=self.index,
+                why=why,
+            )
+            self.reactor.stop()
+
+    def on_signal(self, number: int, frame: object) -> None:
+        name = signal.Signals(number).name
+        self.reactor.callFromThread(self.stop, name)
+
+
 @implementer(IReadDescriptor)
 class ParentWatch:
-    """Stops the reactor when the daemon's end of our stdin closes."""
+    """Stops the worker when the daemon's end of our stdin closes."""
 
-    def __init__(self, reactor: Any) -> None:
+    def __init__(self, reactor: Any, stopper: Stopper) -> None:
         self.reactor = reactor
+        self.stopper = stopper
 
     def fileno(self) -> int:
         return 0
@@ -63,9 +94,7 @@ class ParentWatch:
 
     def orphaned(self) -> None:
         self.reactor.removeReader(self)
-        if self.reactor.running:
-            log.info("daemon gone, worker stopping", event="time.worker.orphaned")
-            self.reactor.stop()
+        self.stopper.stop("the daemon is gone")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -78,9 +107,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     from twisted.internet import reactor
     from twisted.internet.task import LoopingCall
 
-    observer = NetlabLogObserver.create(
-        config.netlab.log_format, config.netlab.log_level, sys.stdout
-    )
+    # JSON lines to the daemon, which publishes them in its own log.
+    observer = NetlabLogObserver.create("json", config.netlab.log_level, sys.stdout)
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
     responder = TimeResponder(config.time, reactor)
@@ -91,7 +119,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         index=args.index,
         address=describe_address(port.getHost()),
     )
-    reactor.addReader(ParentWatch(reactor))
+    stopper = Stopper(reactor, args.index)
+    reactor.addReader(ParentWatch(reactor, stopper))
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, stopper.on_signal)
 
     state = {"section": config.time}
 
@@ -122,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(reload))  # type: ignore[attr-defined]
     reporter.start(config.time.stats_interval, now=False)
     reactor.addSystemEventTrigger("before", "shutdown", report)
-    reactor.run()
+    reactor.run(installSignalHandlers=False)  # type: ignore[call-arg]
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import ntplib
 from twisted.trial.unittest import TestCase
 
 from netlab.timeproto import client_request
+from tests import support
 from tests.support import Daemon, run_netlab, temporary_directory, write_config
 
 TIME_ONLY = """
@@ -188,6 +189,17 @@ class CommandLineTests(TestCase):
         self.assertLess(abs(float(result.stdout) - time.time()), 2)
 
 
+class RateLimitedClientTests(TestCase):
+    def test_kiss_of_death(self) -> None:
+        """A client over its limit is told by a KoD RATE: exit status 6."""
+        _, port, config = start(self, "rate = 0.001\nburst = 1\nleak = 0\n")
+        result = run_netlab("--config", str(config), "time", "--port", str(port),
+                            "--count", "2", "--interval", "0")  # fmt: skip
+        self.assertEqual(result.returncode, 6, result.stderr)
+        self.assertEqual(len(result.stdout.splitlines()), 1)
+        self.assertIn("kiss-o'-death RATE", result.stderr)
+
+
 class ClientFailureTests(TestCase):
     def client_config(self, port: int) -> Path:
         return write_config(
@@ -270,6 +282,22 @@ class WorkerTests(TestCase):
         self.assertEqual(sum(served), 60)
         self.assertGreater(len(served), 1)
 
+    def test_workers_reload_on_sighup(self) -> None:
+        """A worker given SIGHUP reads the configuration file again."""
+        self.config.write_text(
+            self.config.read_text().replace(
+                'leap = "none"', 'leap = "none"\ntext_format = "reloaded %Y"'
+            )
+        )
+        for pid in self.workers:
+            os.kill(pid, signal.SIGHUP)
+        replies = set()
+        deadline = time.monotonic() + 10
+        while not any(r.startswith(b"reloaded") for r in replies):
+            self.assertLess(time.monotonic(), deadline, replies)
+            replies.add(exchange(self.port, b"time"))
+        self.assertNotIn("reload failed", self.daemon.log)
+
     def test_workers_stop_with_daemon(self) -> None:
         """SIGTERM stops the daemon and its workers cleanly."""
         # twistd ends by re-raising the signal that stopped it.
@@ -287,3 +315,41 @@ class WorkerTests(TestCase):
         while any(alive(pid) for pid in self.workers) and time.monotonic() < deadline:
             time.sleep(0.05)
         self.assertEqual([pid for pid in self.workers if alive(pid)], [])
+
+
+class SocketActivationTests(TestCase):
+    def test_systemd_datagram_socket_shared_with_workers(self) -> None:
+        """Under systemd-socket-activate the daemon and its worker share the socket."""
+        if shutil.which("systemd-socket-activate") is None:
+            self.skipTest("systemd-socket-activate is not installed")
+        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()
+        activate = ["systemd-socket-activate", "--datagram",
+                    "-l", f"127.0.0.1:{port}", "--fdname=netlab-time"]  # fmt: skip
+        self.patch(support, "TWISTD", [*activate, *support.TWISTD])
+        directory = temporary_directory(self)
+        config = write_config(
+            directory,
+            TIME_ONLY.replace("udp:0:interface=127.0.0.1", "systemd:name=netlab-time")
+            + "workers = 2\nrate = 0\n",
+        )
+        daemon = Daemon(self, config)
+        # systemd-socket-activate starts the daemon on the first datagram,
+        # which waits in the socket and is answered once the daemon is up.
+        first = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(first.close)
+        first.settimeout(20)
+        daemon.wait_for(rf"Listening on 127\.0\.0\.1:{port}")
+        first.sendto(b"unix", ("127.0.0.1", port))
+        daemon.wait_listening(1)
+        self.assertRegex(first.recv(100), rb"^\d+\.\d{6}$")
+        self.assertEqual(daemon.addresses["time"], ("127.0.0.1", port))
+        daemon.wait_for(rf"time worker 1 answering on 127\.0\.0\.1:{port}")
+        for _ in range(20):
+            self.assertEqual(len(exchange(port, b"")), 4)
+        daemon.stop()
+        served = re.findall(r"answered-rfc868 (\d+)", daemon.log)
+        self.assertEqual(sum(int(n) for n in served), 20)
+        self.assertIn("answered-text 1", daemon.log)

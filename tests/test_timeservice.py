@@ -13,11 +13,13 @@ import attrs
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import Clock
-from twisted.internet.testing import FakeDatagramTransport
+from twisted.internet.testing import FakeDatagramTransport, MemoryReactorClock
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from netlab.config import NetlabConfig, TimeSection, from_mapping
+from netlab.errors import ConfigError
+from netlab.service import ServiceStartError
 from netlab.timeproto import (
     LEAP_INSERT,
     LEAP_NONE,
@@ -35,6 +37,8 @@ from netlab.timeservice import (
     KernelClock,
     TimeResponder,
     TimeService,
+    TimestampingPort,
+    WorkerProcess,
     kernel_clock,
     log_counters,
 )
@@ -469,3 +473,151 @@ class LoopbackTests(TestCase):
     def test_packet_size_above_maximum_udp_payload(self) -> None:
         """The service reads up to more than the largest UDP payload (65507)."""
         self.assertGreater(TimeService.max_packet_size, 65507)
+
+
+class ConfigTests(TestCase):
+    def load(self, table: dict[str, Any]) -> NetlabConfig:
+        directory = temporary_directory(self)
+        return from_mapping({"time": table}, base_directory=directory)
+
+    def test_reference_id_forms(self) -> None:
+        """A reference id is up to 4 capitals/digits (NUL padded) or an IPv4 address."""
+        self.assertEqual(self.load({"reference_id": "GPS"}).time.reference_id, b"GPS\0")
+        self.assertEqual(
+            self.load({"reference_id": "192.0.2.1"}).time.reference_id,
+            b"\xc0\x00\x02\x01",
+        )
+
+    def test_bad_values_are_refused(self) -> None:
+        """Bad reference ids, formats, strata and worker counts stop the load."""
+        for key, value in (
+            ("reference_id", "gps!"),
+            ("reference_id", "300.1.1.1"),
+            ("text_format", ""),
+            ("text_format", "%c" * 50),
+            ("stratum", 0),
+            ("stratum", 16),
+            ("workers", 0),
+            ("leap", "maybe"),
+            ("rate", -1),
+        ):
+            with self.subTest(key=key, value=value):
+                error = self.assertRaises(ConfigError, self.load, {key: value})
+                self.assertIn(f"[time] {key}:", str(error))
+
+
+class _SignalRecorder:
+    def __init__(self) -> None:
+        self.signals: list[str] = []
+
+    def signalProcess(self, name: str) -> None:
+        self.signals.append(name)
+
+
+class ReconfigureTests(TestCase):
+    def config(self, **time_settings: Any) -> NetlabConfig:
+        directory = temporary_directory(self)
+        return from_mapping(
+            {"netlab": {"state_directory": str(directory)}, "time": time_settings},
+            base_directory=directory,
+        )
+
+    def test_live_keys_apply_and_workers_need_restart(self) -> None:
+        """A reload applies the live keys, reports workers, and signals the workers."""
+        service = TimeService(self.config(text_format="%Y"), MemoryReactorClock())
+        worker = WorkerProcess(1)
+        recorder = _SignalRecorder()
+        worker.transport = recorder  # type: ignore[assignment]
+        service.workers.append(worker)
+        restart = service.reconfigure(self.config(text_format="%m", workers=2))
+        self.assertEqual(list(restart), ["[time] workers"])
+        self.assertEqual(service.responder.text_format, "%m")
+        self.assertEqual(recorder.signals, ["HUP"])
+
+    def test_every_time_key_but_three_is_live(self) -> None:
+        """enabled, endpoint and workers need a restart; the rest reload."""
+        from netlab.config import keys
+
+        restart_only = {info.name for info in keys("time") if not info.live}
+        self.assertEqual(restart_only, {"enabled", "endpoint", "workers"})
+
+
+class IPv6LoopbackTests(TestCase):
+    @defer.inlineCallbacks
+    def test_answers_over_ipv6(self) -> Any:
+        """An endpoint on ::1 answers IPv6 clients (addresses as (host, port))."""
+        if not socket.has_ipv6:
+            self.skipTest("no IPv6")
+        directory = temporary_directory(self)
+        config = from_mapping(
+            {
+                "netlab": {"state_directory": str(directory)},
+                "time": {"endpoint": "udp:0:interface=\\:\\:1"},
+            },
+            base_directory=directory,
+        )
+        service = TimeService(config, reactor)
+        try:
+            service.privilegedStartService()
+        except ServiceStartError as error:
+            self.skipTest(f"cannot bind ::1 here: {error}")
+        self.addCleanup(service.stopService)
+        service.startService()
+        receiver = Receiver()
+        client = reactor.listenUDP(0, receiver, interface="::1")
+        self.addCleanup(client.stopListening)
+        client.write(b"unix", ("::1", service.listening_address.port))
+        reply = yield receiver.replies.get().addTimeout(5, reactor)
+        self.assertRegex(reply, rb"^\d+\.\d{6}$")
+
+
+class WorkerLogTests(TestCase):
+    def test_worker_json_lines_are_published(self) -> None:
+        """A worker's JSON log lines, split anywhere, become events in the daemon."""
+        from twisted.logger import eventAsJSON
+
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        line = eventAsJSON(
+            {
+                "log_format": "hello {who}",
+                "who": "daemon",
+                "event": "time.test",
+                "log_namespace": "netlab.time",
+                "log_time": 1.0,
+            }
+        ).encode()
+        worker = WorkerProcess(2)
+        worker.outReceived(line[:10])
+        worker.outReceived(line[10:] + b"\nnot json\n")
+        relayed = [e for e in events if e.get("event") == "time.test"]
+        self.assertEqual([e["who"] for e in relayed], ["daemon"])
+        (raw,) = [e for e in events if e.get("event") == "time.worker.output"]
+        self.assertEqual((raw["index"], raw["line"]), (2, "not json"))
+
+
+class _RefusingSocket:
+    def __init__(self, error: OSError) -> None:
+        self.error = error
+
+    def sendto(self, data: bytes, addr: Any) -> int:
+        raise self.error
+
+
+class TimestampingPortWriteTests(TestCase):
+    def port(self, error: OSError) -> TimestampingPort:
+        port = TimestampingPort(0, DatagramProtocol(), "127.0.0.1", 65536, reactor)
+        port.socket = _RefusingSocket(error)
+        return port
+
+    def test_icmp_refusal_ignored(self) -> None:
+        """A pending ICMP error from an earlier reply does not fail the next one."""
+        self.port(ConnectionRefusedError(errno.ECONNREFUSED, "refused")).write(
+            b"x", CLIENT
+        )
+
+    def test_other_errors_reach_the_responder(self) -> None:
+        """ENOBUFS propagates, so the responder can count it."""
+        port = self.port(OSError(errno.ENOBUFS, "No buffer space available"))
+        self.assertRaises(OSError, port.write, b"x", CLIENT)
