@@ -24,7 +24,7 @@ from netlab.config import NetlabConfig, client_config_path, load
 from netlab.errors import ExitCode, NetlabError
 
 #: Modules that add subcommands, in the order ``--help`` lists them.
-COMMAND_MODULES: list[str] = ["netlab.configcli", "netlab.filecli"]
+COMMAND_MODULES: list[str] = ["netlab.configcli", "netlab.keygen", "netlab.filecli"]
 
 
 @attrs.frozen
@@ -43,6 +43,21 @@ class Context:
     @property
     def verbose(self) -> int:
         return int(self.args.verbose)
+
+    def connect(self, service: str) -> Any:
+        """A READY :class:`netlab.client.Session` with ``service`` (a Deferred).
+
+        Uses ``--server`` and ``--user`` over the configuration.
+        """
+        from netlab.client import connect
+
+        return connect(
+            self.config,
+            service,
+            reactor=self.reactor,
+            server=self.args.server,
+            user=self.args.user,
+        )
 
 
 Handler = Callable[[Context], Awaitable[int | None]]

@@ -165,8 +165,8 @@ def _connection_error(reason: Failure, host: str, tls: bool) -> NetlabError:
 
     if reason.check(VerificationError):
         return TLSVerificationFailed(
-            f"the TLS certificate of {host} does not name {host} ({reason.value}); "
-            "connect with the name in the certificate"
+            f"the TLS certificate of {host} does not name {host}; connect "
+            "(--server) with a name the certificate holds"
         )
     if reason.check(SSL.Error):
         detail = str(reason.value)

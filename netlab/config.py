@@ -233,7 +233,10 @@ def format_duration(seconds: float) -> str:
     for unit, factor in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
         if seconds >= factor and seconds % factor == 0:
             return f"{int(seconds // factor)}{unit}"
-    return f"{round(seconds * 1000)}ms"
+    if 0 < seconds < 1 and (seconds * 1000).is_integer():
+        return f"{int(seconds * 1000)}ms"
+    text = repr(float(seconds))
+    return (text.removesuffix(".0")) + "s"
 
 
 @attrs.frozen

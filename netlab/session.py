@@ -125,10 +125,10 @@ class Control:
     fields: Mapping[str, Any]
 
     def __getitem__(self, key: str) -> Any:
-        return self.fields[key]
+        return self.op if key == "op" else self.fields[key]
 
     def get(self, key: str, default: Any = None) -> Any:
-        return self.fields.get(key, default)
+        return self.op if key == "op" else self.fields.get(key, default)
 
     def as_dict(self) -> dict[str, Any]:
         return {"op": self.op, **self.fields}

@@ -1,0 +1,120 @@
+"""Tests for the ``netlab`` command: help, version, config lookup, exit codes."""
+
+from __future__ import annotations
+
+import io
+import sys
+
+from twisted.trial.unittest import TestCase
+
+from netlab import __version__
+from netlab.cli import build_parser, report
+from netlab.config import client_config_path
+from netlab.errors import ConnectionFailed, ExitCode, RemoteError
+
+from .support import run_netlab, temporary_directory, write_config
+
+
+class ParserTests(TestCase):
+    def test_help_lists_subcommands(self) -> None:
+        """`netlab --help` lists every registered subcommand and the exit codes."""
+        result = run_netlab("--help")
+        self.assertEqual(result.returncode, 0)
+        self.assertIn("config", result.stdout)
+        self.assertIn("Exit status:", result.stdout)
+        parser = build_parser()
+        self.assertIn("--server HOST", parser.format_help())
+
+    def test_version(self) -> None:
+        """`netlab --version` prints the package version."""
+        result = run_netlab("--version")
+        self.assertEqual(
+            (result.returncode, result.stdout.strip()), (0, f"netlab {__version__}")
+        )
+
+    def test_no_command_is_a_usage_error(self) -> None:
+        """Without a subcommand netlab shows help on stderr and exits 2."""
+        result = run_netlab()
+        self.assertEqual(result.returncode, ExitCode.USAGE)
+        self.assertIn("commands:", result.stderr)
+
+    def test_unknown_option_is_one_line(self) -> None:
+        """A bad option is one line on stderr with exit status 2."""
+        result = run_netlab("--frobnicate")
+        self.assertEqual(result.returncode, ExitCode.USAGE)
+        self.assertEqual(result.stderr.count("\n"), 1)
+        self.assertIn(
+            "unrecognized arguments: --frobnicate (try --help)", result.stderr
+        )
+
+
+class ConfigCommandTests(TestCase):
+    def test_bad_config_exits_3_with_one_line(self) -> None:
+        """A broken configuration file gives exit status 3 and one line."""
+        directory = temporary_directory(self)
+        path = write_config(directory, "[client]\ntimeout = -1\n")
+        result = run_netlab("--config", str(path), "config")
+        self.assertEqual(result.returncode, ExitCode.CONFIG)
+        self.assertEqual(result.stderr.count("\n"), 1)
+        self.assertIn("[client] timeout: -1s is below the minimum 100ms", result.stderr)
+
+    def test_config_shows_effective_settings(self) -> None:
+        """`netlab config` prints the settings in force, from the chosen file."""
+        directory = temporary_directory(self)
+        path = write_config(directory, '[client]\nserver = "127.0.0.2"\n')
+        result = run_netlab("--config", str(path), "config")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn(f"# effective configuration from {path}", result.stdout)
+        self.assertIn('server = "127.0.0.2"', result.stdout)
+
+    def test_environment_names_the_file(self) -> None:
+        """$NETLAB_CONFIG is used when --config is not given."""
+        directory = temporary_directory(self)
+        path = write_config(directory, '[client]\nserver = "127.0.0.3"\n')
+        result = run_netlab("config", env={"NETLAB_CONFIG": str(path)})
+        self.assertIn('server = "127.0.0.3"', result.stdout)
+
+    def test_lookup_order(self) -> None:
+        """--config beats $NETLAB_CONFIG, which beats the user's file."""
+        directory = temporary_directory(self)
+        user = directory / "netlab" / "netlab.toml"
+        user.parent.mkdir()
+        user.write_text("")
+        self.patch(
+            __import__("os"),
+            "environ",
+            {"XDG_CONFIG_HOME": str(directory), "NETLAB_CONFIG": "/env.toml"},
+        )
+        self.assertEqual(str(client_config_path("/cli.toml")), "/cli.toml")
+        self.assertEqual(str(client_config_path(None)), "/env.toml")
+        del __import__("os").environ["NETLAB_CONFIG"]
+        self.assertEqual(client_config_path(None), user)
+
+
+class ReportTests(TestCase):
+    def capture(self, error: BaseException, verbose: int = 0) -> tuple[int, str]:
+        stream = io.StringIO()
+        self.patch(sys, "stderr", stream)
+        return report(error, verbose), stream.getvalue()
+
+    def test_netlab_errors_use_their_exit_code(self) -> None:
+        """Each error class maps to its documented exit status, in one line."""
+        code, text = self.capture(ConnectionFailed("cannot connect to 127.0.0.1:8021"))
+        self.assertEqual(
+            (code, text), (4, "netlab: cannot connect to 127.0.0.1:8021\n")
+        )
+        code, text = self.capture(RemoteError("busy", "another upload is in progress"))
+        self.assertEqual(code, ExitCode.REMOTE)
+        self.assertIn("another upload is in progress (busy)", text)
+
+    def test_unexpected_errors_suggest_verbose(self) -> None:
+        """A bug is one line that points at -v; -v prints the traceback."""
+        code, text = self.capture(ZeroDivisionError("oops"))
+        self.assertEqual(code, ExitCode.FAILURE)
+        self.assertIn("run with -v for details", text)
+        self.assertEqual(text.count("\n"), 1)
+        try:
+            1 / 0  # noqa: B018 - a real traceback to print
+        except ZeroDivisionError as error:
+            _, verbose_text = self.capture(error, verbose=1)
+        self.assertIn("Traceback", verbose_text)
