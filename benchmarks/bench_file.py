@@ -29,6 +29,7 @@ import contextlib
 import hashlib
 import os
 import re
+import resource
 import shutil
 import signal
 import statistics
@@ -77,15 +78,30 @@ def timed(argv: list[str], **kwargs: object) -> float:
     return elapsed
 
 
+def children_cpu() -> float:
+    """CPU seconds used by this process's waited-for children so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def process_cpu(pid: int | None) -> float:
+    """CPU seconds of process ``pid`` and its waited-for children (0 if None)."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = sum(int(value) for value in fields[11:15])  # utime stime cutime cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 class Row:
-    """One line of the table: a tool, a direction, the seconds of each run."""
+    """One line of the table: a tool, a direction, wall and CPU seconds per run."""
 
     def __init__(self, tool: str, operation: str, size: int) -> None:
         self.tool = tool
         self.operation = operation
         self.size = size
         self.seconds: list[float] = []
-        self.note = ""
+        self.cpu: list[float] = []
 
     @property
     def rate(self) -> float:
@@ -236,18 +252,28 @@ class Bench:
         tool: str,
         operation: str,
         run: Callable[[Path], float],
-        check: Path | None,
+        server_pid: int | None = None,
     ) -> Row:
-        """Time ``run(target)`` ``repeat`` times; verify ``check`` after each."""
+        """Time ``run(target)`` ``repeat`` times and verify the copy after each.
+
+        CPU seconds are the client's (and, for the raw copy, both socats, all
+        children of this process) plus the server's and its children's.
+        """
         row = Row(tool, operation, self.size)
         for _ in range(self.repeat):
             target = (self.local if operation == "get" else self.served) / "copy.bin"
             target.unlink(missing_ok=True)
+            cpu = children_cpu() + process_cpu(server_pid)
             row.seconds.append(run(target))
-            self.verify(check or target)
+            row.cpu.append(children_cpu() + process_cpu(server_pid) - cpu)
+            self.verify(target)
             target.unlink(missing_ok=True)
         self.rows.append(row)
-        print(f"  {tool:<28} {operation:<4} {row.rate:8.0f} MB/s", file=sys.stderr)
+        print(
+            f"  {tool:<28} {operation:<4} {row.rate:8.0f} MB/s "
+            f"{statistics.median(row.cpu):6.2f} CPU s",
+            file=sys.stderr,
+        )
         return row
 
     def skip(self, tool: str, reason: str) -> None:
@@ -297,7 +323,7 @@ class Bench:
                     receiver.kill()
                     receiver.wait()
 
-        self.measure("raw copy (socat -b256k)", "get", run, None)
+        self.measure("raw copy (socat -b256k)", "get", run)
 
     def netlab(self, tls: bool) -> float:
         label = "netlab TLS" if tls else "netlab TCP"
@@ -309,7 +335,7 @@ class Bench:
                 lambda target: timed(
                     daemon.client("get", "-q", "source.bin", str(target))
                 ),
-                None,
+                daemon.process.pid,
             )
             self.measure(
                 label,
@@ -317,7 +343,7 @@ class Bench:
                 lambda target: timed(
                     daemon.client("put", "-q", str(self.upload), target.name)
                 ),
-                None,
+                daemon.process.pid,
             )
             peak = daemon.peak_rss_mib
         self.notes.append(f"{label} daemon peak RSS (VmHWM): {peak:.0f} MiB")
@@ -331,7 +357,7 @@ class Bench:
                     "rsyncd",
                     "get",
                     lambda target: timed(["rsync", f"{url}/source.bin", str(target)]),
-                    None,
+                    server.process.pid,
                 )
                 self.measure(
                     "rsyncd",
@@ -339,7 +365,7 @@ class Bench:
                     lambda target: timed(
                         ["rsync", str(self.upload), f"{url}/{target.name}"]
                     ),
-                    None,
+                    server.process.pid,
                 )
         except refservers.Unavailable as error:
             self.skip("rsyncd", str(error))
@@ -359,7 +385,7 @@ class Bench:
                             lambda target, s=server, r=remote: timed(
                                 s.command("scp", f"{r}{self.source}", str(target))
                             ),
-                            None,
+                            server.server.process.pid,
                         )
                         self.measure(
                             label,
@@ -367,7 +393,7 @@ class Bench:
                             lambda target, s=server, r=remote: timed(
                                 s.command("scp", str(self.upload), f"{r}{target}")
                             ),
-                            None,
+                            server.server.process.pid,
                         )
                     else:
                         self.measure(
@@ -377,7 +403,7 @@ class Bench:
                                 s.command("sftp", "-q", "-b", "-", s.target),
                                 input=f"get {self.source} {target}\n".encode(),
                             ),
-                            None,
+                            server.server.process.pid,
                         )
                         self.measure(
                             label,
@@ -386,7 +412,7 @@ class Bench:
                                 s.command("sftp", "-q", "-b", "-", s.target),
                                 input=f"put {self.upload} {target}\n".encode(),
                             ),
-                            None,
+                            server.server.process.pid,
                         )
             except refservers.Unavailable as error:
                 self.skip(label, str(error))
@@ -474,17 +500,18 @@ def table(bench: Bench) -> str:
     raw = next((row.rate for row in bench.rows if row.tool.startswith("raw")), 0.0)
     lines = [
         f"file transfer over loopback: {bench.size // MiB} MiB of random bytes, "
-        f"median of {bench.repeat} run(s), MB/s",
+        f"median of {bench.repeat} run(s); MB/s = 10^6 bytes/s; CPU s = client + "
+        "server CPU seconds (user + system) per transfer",
         "",
-        "| tool                        | op  |   MB/s | vs raw copy | runs (s)",
-        "|-----------------------------|-----|--------|-------------|---------",
+        "| tool                        | op  |   MB/s | vs raw copy | CPU s | runs (s)",
+        "|-----------------------------|-----|--------|-------------|-------|---------",
     ]
     for row in bench.rows:
         ratio = f"{row.rate / raw:.2f}" if raw else "-"
         runs = " ".join(f"{s:.2f}" for s in row.seconds)
         lines.append(
             f"| {row.tool:<27} | {row.operation:<3} | {row.rate:6.0f} "
-            f"| {ratio:>11} | {runs}"
+            f"| {ratio:>11} | {statistics.median(row.cpu):5.2f} | {runs}"
         )
     return "\n".join(lines)
 
@@ -519,6 +546,12 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes, for CI")
     parser.add_argument("--size", type=int, help="MiB to transfer (default 1024)")
     parser.add_argument("--repeat", type=int, help="runs per figure (default 3)")
+    parser.add_argument(
+        "--only",
+        choices=("raw", "netlab", "rsyncd", "ssh", "concurrent"),
+        action="append",
+        help="measure only these (repeatable; default: everything)",
+    )
     args = parser.parse_args()
     size = (args.size or (32 if args.quick else 1024)) * MiB
     repeat = args.repeat or (1 if args.quick else 3)
@@ -527,21 +560,24 @@ def main() -> int:
     area.chmod(0o755)
     try:
         bench = Bench(size, repeat, args.quick, area)
-        bench.raw_copy()
-        bench.netlab(tls=False)
-        bench.netlab(tls=True)
-        bench.rsyncd()
-        bench.ssh()
-        many = (
-            bench.concurrent(4, 4 * MiB)
-            if args.quick
-            else bench.concurrent(20, 50 * MiB)
-        )
+        wanted = set(args.only or ("raw", "netlab", "rsyncd", "ssh", "concurrent"))
+        if "raw" in wanted:
+            bench.raw_copy()
+        if "netlab" in wanted:
+            bench.netlab(tls=False)
+            bench.netlab(tls=True)
+        if "rsyncd" in wanted:
+            bench.rsyncd()
+        if "ssh" in wanted:
+            bench.ssh()
+        if "concurrent" in wanted:
+            count, each = (4, 4 * MiB) if args.quick else (20, 50 * MiB)
+            bench.notes.append(bench.concurrent(count, each))
     finally:
         shutil.rmtree(area, ignore_errors=True)
     print(table(bench))
     print()
-    for line in [*bench.notes, many, *targets(bench)]:
+    for line in [*bench.notes, *targets(bench)]:
         print(line)
     return 0
 

@@ -30,7 +30,7 @@ from twisted.internet.threads import deferToThread
 from netlab.client import Session
 from netlab.errors import ConnectionFailed, IntegrityError, RemoteError, UsageError
 from netlab.filepaths import escape_name
-from netlab.filestore import ChunkWorker
+from netlab.filestore import ChunkWorker, widen_reads
 from netlab.session import Control, Data
 
 #: Bytes of file data per frame the client sends (capped by the server's limit).
@@ -150,6 +150,7 @@ async def download(
         start = await session.request("get", path=remote, offset=0)
     _expect(start, "get-start")
     size = int(start.get("size", -1))
+    widen_reads(session.transport)
     descriptor = os.open(part, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         os.ftruncate(descriptor, offset)

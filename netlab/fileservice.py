@@ -45,6 +45,7 @@ from netlab.filestore import (
     StorePolicy,
     TransferRefused,
     Upload,
+    widen_reads,
 )
 from netlab.framing import DataFrameBuffer
 from netlab.session import (
@@ -171,6 +172,9 @@ class FileApplication:
         self.store = service.store
         self.upload: Upload | None = None
         self.producer: DownloadProducer | None = None
+        # Fewer, larger reads for uploads; the same size bounds what a get
+        # queues in the transport before its producer is paused.
+        widen_reads(session.protocol.transport)
         #: After a failed put, the client's data frames still in flight and
         #: its put-end are dropped until it starts another operation.
         self.discarding = False

@@ -259,6 +259,27 @@ class ChunkWorker:
 
 
 # --------------------------------------------------------------------------
+# Transport tuning shared by both ends of a transfer
+# --------------------------------------------------------------------------
+
+#: Bytes read from the socket per call during a transfer (Twisted reads 64 KiB
+#: by default: with 256 KiB frames that is four reactor turns per frame).
+READ_SIZE = 1024 * 1024
+
+
+def widen_reads(transport: Any) -> None:
+    """Read up to :data:`READ_SIZE` per call on the TCP transport under ``transport``.
+
+    Under TLS the TCP transport is the wrapper's ``transport``.
+    """
+    while transport is not None:
+        if hasattr(transport, "bufferSize"):
+            transport.bufferSize = READ_SIZE
+            return
+        transport = getattr(transport, "transport", None)
+
+
+# --------------------------------------------------------------------------
 # Policy and records
 # --------------------------------------------------------------------------
 
