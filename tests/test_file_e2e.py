@@ -23,8 +23,9 @@ from netlab.errors import RemoteError
 from netlab.fileclient import part_path, upload
 from netlab.filestore import PARTIAL_PREFIX
 from netlab.framing import encode_data_frame
-from tests.filesupport import file_setup
+from tests.filesupport import FileSetup, file_setup
 from tests.support import Daemon, run_netlab, temporary_directory
+from tests.tlssupport import CertificateAuthority
 
 
 def rss_kib(pid: int) -> int:
@@ -39,8 +40,11 @@ class EndToEndTestCase(TestCase):
 
     def setUp(self) -> None:
         self.directory = temporary_directory(self)
-        self.setup = file_setup(self.directory, self.extra)
+        self.setup = self.make_setup()
         self.daemon = self.start()
+
+    def make_setup(self) -> FileSetup:
+        return file_setup(self.directory, self.extra)
 
     def start(self) -> Daemon:
         daemon = Daemon(self, self.setup.config, cwd=self.directory)
@@ -186,6 +190,37 @@ class CommandLineTests(EndToEndTestCase):
         self.assertFalse(part_path(target).exists())
         self.assertFalse(target.exists())
         self.assertEqual(self.netlab("get", "f", str(target)).returncode, 0)
+        self.assertEqual(target.read_bytes(), data)
+
+
+class TLSTests(EndToEndTestCase):
+    """The file service on an ssl: endpoint, verified by the client."""
+
+    def make_setup(self) -> FileSetup:
+        authority = CertificateAuthority()
+        certificate, key = authority.issue(self.directory, ["127.0.0.1"])
+        ca_file = authority.write_ca(self.directory / "ca.pem")
+        return file_setup(
+            self.directory,
+            endpoint="ssl:0:interface=127.0.0.1",
+            sections=f"""
+            [tls]
+            certificate = "{certificate}"
+            private_key = "{key}"
+            ca_file = "{ca_file}"
+            """,
+        )
+
+    def test_put_get_over_tls(self) -> None:
+        """put and get work and verify over TLS."""
+        source = self.directory / "s.bin"
+        data = os.urandom(1_500_000)
+        source.write_bytes(data)
+        result = self.netlab("put", str(source), "s.bin")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        target = self.directory / "t.bin"
+        result = self.netlab("get", "s.bin", str(target))
+        self.assertEqual(result.returncode, 0, result.stderr)
         self.assertEqual(target.read_bytes(), data)
 
 
