@@ -150,25 +150,37 @@ def encode_table(total: int, repeats: int) -> list[str]:
 
 # -- loopback -----------------------------------------------------------------
 
+# The receiver answers the sender's half-close with what it counted (bytes
+# for the raw protocol, frames otherwise), so every figure is checked.
 SERVE_SCRIPT = """
 import sys
 sys.path.insert(0, {root!r})
 from twisted.internet import reactor
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
+from zope.interface import implementer
 from benchmarks.bench_framing import RECEIVERS
 
 class Raw(Protocol):
+    frames = 0
     def dataReceived(self, data):
-        pass
+        self.frames += len(data)
 
 kind = sys.argv[1]
 protocol = Raw if kind == "raw" else RECEIVERS[kind]
 
-class Closing(protocol):
+@implementer(IHalfCloseableProtocol)
+class Reporting(protocol):
+    def readConnectionLost(self):
+        self.transport.write(b"%d" % self.frames)
+        self.transport.loseConnection()
+    def writeConnectionLost(self):
+        pass
     def connectionLost(self, reason):
         reactor.stop()
 
-reactor.listenTCP(int(sys.argv[2]), Factory.forProtocol(Closing), interface="127.0.0.1")
+factory = Factory.forProtocol(Reporting)
+reactor.listenTCP(int(sys.argv[2]), factory, interface="127.0.0.1")
 reactor.run()
 """
 
@@ -185,16 +197,17 @@ def connect_when_listening(port: int) -> socket.socket:
             time.sleep(0.02)
 
 
-def send_frames(port: int, frame: bytes, count: int) -> float:
-    """Stream ``count`` frames; seconds from connect until the receiver closes."""
+def send_frames(port: int, frame: bytes, count: int) -> tuple[float, bytes]:
+    """Stream ``count`` frames; seconds until the receiver closes, and its report."""
     with connect_when_listening(port) as connection:
         started = time.perf_counter()
         for _ in range(count):
             connection.sendall(frame)
         connection.shutdown(socket.SHUT_WR)
-        while connection.recv(65536):
-            pass
-        return time.perf_counter() - started
+        report = b""
+        while chunk := connection.recv(65536):
+            report += chunk
+        return time.perf_counter() - started, report
 
 
 def loopback_seconds(kind: str, frame: bytes, count: int) -> float:
@@ -213,13 +226,19 @@ def loopback_seconds(kind: str, frame: bytes, count: int) -> float:
         argv = [sys.executable, "-c", SERVE_SCRIPT.format(root=root), kind, str(port)]
     process = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
     try:
-        return send_frames(port, frame, count)
+        seconds, report = send_frames(port, frame, count)
     finally:
         try:
             process.wait(10)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+    expected = {"socat": b"", "raw": b"%d" % (len(frame) * count)}.get(
+        kind, b"%d" % count
+    )
+    if report != expected:
+        raise RuntimeError(f"{kind} received {report!r}, expected {expected!r}")
+    return seconds
 
 
 def loopback_table(total: int, repeats: int, quick: bool) -> list[str]:

@@ -223,7 +223,8 @@ class ClientProtocol(FrameReceiver):
 
     def stringReceived(self, string: bytes) -> None:
         try:
-            message = decode_frame(string)
+            # The server's replies are bounded by our frame limit alone.
+            message = decode_frame(string, control_limit=CLIENT_MAX_FRAME)
         except ProtocolError as error:
             self._abandon(
                 ConnectionFailed(f"{self.host} sent a malformed frame: {error}")

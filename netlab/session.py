@@ -57,7 +57,9 @@ log = Logger(namespace="netlab.session")
 PROTOCOL = "netlab"
 #: The protocol version this code speaks.
 VERSION = 1
-#: The largest control message (JSON) either side accepts, in bytes.
+#: The largest control message (JSON) the server accepts, in bytes.  The
+#: server's own replies (a page of a directory listing) may be larger, up to
+#: the client's ``max_frame``.
 MAX_CONTROL_SIZE = 65536
 #: The smallest ``max_frame`` a peer may announce: a control message must fit.
 MIN_FRAME_SIZE = MAX_CONTROL_SIZE
@@ -171,12 +173,12 @@ def _depth(value: Any) -> int:
     return deepest
 
 
-def decode_control(payload: bytes) -> Control:
+def decode_control(payload: bytes, limit: int = MAX_CONTROL_SIZE) -> Control:
     """Parse a control frame's payload; :class:`ProtocolError` if malformed."""
-    if len(payload) > MAX_CONTROL_SIZE:
+    if len(payload) > limit:
         raise ProtocolError(
             ErrorCode.BAD_MESSAGE,
-            f"control message of {len(payload)} bytes exceeds {MAX_CONTROL_SIZE}",
+            f"control message of {len(payload)} bytes exceeds {limit}",
         )
     try:
         text = payload.decode("utf-8")
@@ -212,10 +214,12 @@ def decode_control(payload: bytes) -> Control:
     return Control(op, value)
 
 
-def decode_frame(payload: bytes) -> Control | Data:
+def decode_frame(
+    payload: bytes, control_limit: int = MAX_CONTROL_SIZE
+) -> Control | Data:
     """Tell a control message from a data frame by its first byte, and decode it."""
     if payload[:1] == b"{":
-        return decode_control(payload)
+        return decode_control(payload, control_limit)
     if payload[:1] == DATA_TYPE:
         return Data(payload[1:])
     if not payload:
@@ -489,7 +493,15 @@ class ServerSession:
         application, self.application = self.application, None
         self._enter_closed()
         if application is not None:
-            application.connection_lost(reason)
+            try:
+                application.connection_lost(reason)
+            except Exception:
+                log.failure(
+                    "{service} application failed to clean up after {peer}",
+                    event="session.application.failed",
+                    service=self.policy.service,
+                    peer=self.peer,
+                )
 
     def frame_received(self, payload: bytes) -> None:
         if self.state in (State.CLOSED, State.FAILING):

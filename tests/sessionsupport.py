@@ -36,7 +36,8 @@ USERS = Users({"alice": KEY, "bob": OTHER_KEY})
 
 @implementer(ISessionApplication)
 class EchoApplication:
-    """Echoes ``echo`` messages and data frames; ``refuse`` fails one request."""
+    """Echoes ``echo`` messages and data frames; ``refuse`` fails one request,
+    ``crash`` raises like a bug would."""
 
     instances: list[EchoApplication] = []
 
@@ -53,6 +54,8 @@ class EchoApplication:
             raise RequestError("not-allowed", "refused on purpose", path="x")
         if message.op == "later":
             return self._later(message)
+        if message.op == "crash":
+            raise RuntimeError("a bug in the application")
         raise RequestError("unknown-op", f'unknown operation "{message.op}"')
 
     async def _later(self, message: Control) -> None:

@@ -202,3 +202,70 @@ class IdentityTests(TestCase):
         )
         self.assertEqual(service_address(config, "file", "[::1]:9"), ("::1", 9, False))
         self.assertEqual(service_address(config, "file", "[::1]"), ("::1", 8021, False))
+
+
+class ClientProtocolTests(TestCase):
+    """The client's protocol over a StringTransport: handshake, back-pressure."""
+
+    def setUp(self) -> None:
+        from twisted.internet.testing import StringTransport
+
+        from netlab.client import ClientProtocol
+
+        self.protocol = ClientProtocol(Identity("alice", KEY), "server", False)
+        self.transport = StringTransport()
+        self.protocol.makeConnection(self.transport)
+        self.handshake()
+
+    def handshake(self) -> None:
+        import base64
+        import json
+
+        from netlab.auth import server_proof
+        from tests.sessionsupport import control, parse_frames
+
+        server_nonce = bytes(32)
+        self.protocol.dataReceived(
+            control(
+                "hello",
+                protocol="netlab",
+                version=1,
+                service="file",
+                max_frame=1 << 20,
+                auth=["hmac-sha256"],
+                nonce=base64.b64encode(server_nonce).decode(),
+            )
+        )
+        hello, auth = (json.loads(f) for f in parse_frames(self.transport.value()))
+        self.assertEqual(hello["max_frame"], 16 * 1024 * 1024)
+        self.assertEqual(auth["user"], "alice")
+        client_nonce = base64.b64decode(auth["nonce"])
+        proof = server_proof(KEY, server_nonce, client_nonce, "alice")
+        self.protocol.dataReceived(
+            control("ready", user="alice", proof=base64.b64encode(proof).decode())
+        )
+        self.assertTrue(self.protocol.handshake.called)
+
+    def test_back_pressure(self) -> None:
+        """Reading pauses while too much waits unread, and resumes as it drains."""
+        from netlab.framing import encode_data_frame
+
+        chunk = b"x" * (1024 * 1024)
+        for _ in range(9):
+            self.protocol.dataReceived(encode_data_frame(chunk))
+        self.assertEqual(self.transport.producerState, "paused")
+        received = []
+        for _ in range(9):
+            self.protocol.next_message().addCallback(received.append)
+        self.assertEqual(received, [Data(chunk)] * 9)
+        self.assertEqual(self.transport.producerState, "producing")
+
+    def test_large_server_reply(self) -> None:
+        """Server replies above the 64 KiB client-to-server limit are accepted."""
+        from tests.sessionsupport import control
+
+        entries = ["n" * 200] * 1000
+        self.protocol.dataReceived(control("listing", entries=entries))
+        received = []
+        self.protocol.next_message().addCallback(received.append)
+        self.assertEqual(received, [Control("listing", {"entries": entries})])

@@ -8,14 +8,17 @@ log has one line for it.
 from __future__ import annotations
 
 import base64
+import json
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import TestCase
 
 from netlab.auth import client_proof, new_nonce
 from netlab.framing import encode_data_frame, encode_frame, frame_header
-from netlab.session import SessionPolicy
+from netlab.session import Control, Data, ProtocolError, SessionPolicy, decode_frame
 from tests.sessionsupport import (
     HELLO,
     KEY,
@@ -115,6 +118,19 @@ class HandshakeTests(SessionTestCase):
         )
         self.assertEqual(messages[0]["path"], "x")
         self.assertFalse(client.closed)
+
+    def test_application_bug(self) -> None:
+        """An unexpected exception is logged once and answered with internal-error."""
+        client = self.ready_client()
+        other = self.ready_client()
+        with capturedLogs() as events:
+            client.send(control("crash"))
+        self.assertClosedWith(client, "internal-error")
+        [event] = [e for e in events if e.get("event") == "session.application.failed"]
+        self.assertIsNotNone(event.get("log_failure"))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        other.send(control("echo"))
+        self.assertEqual(other.received()[0]["op"], "echoed")
 
     def test_ping_pong(self) -> None:
         """ping is answered with pong carrying the same id."""
@@ -420,3 +436,31 @@ class LimitTests(SessionTestCase):
         self.client("127.0.0.1")
         self.client("127.0.0.2")
         self.assertClosedWith(self.client("127.0.0.3"), "too-many-connections")
+
+
+class DecodeFuzzTests(TestCase):
+    """Arbitrary payloads decode or fail with a ProtocolError, nothing else."""
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        st.one_of(
+            st.binary(max_size=200),
+            st.builds(lambda b: b"{" + b, st.binary(max_size=200)),
+            st.recursive(
+                st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+                lambda children: (
+                    st.lists(children, max_size=3)
+                    | st.dictionaries(st.text(max_size=3), children, max_size=3)
+                ),
+                max_leaves=20,
+            ).map(lambda value: json.dumps({"op": "x", "v": value}).encode()),
+        )
+    )
+    def test_decode_frame(self, payload: bytes) -> None:
+        """decode_frame returns a message or raises ProtocolError with a known code."""
+        try:
+            message = decode_frame(payload)
+        except ProtocolError as error:
+            self.assertIn(error.code, {"bad-frame", "bad-message"})
+        else:
+            self.assertIsInstance(message, Control | Data)
