@@ -34,7 +34,7 @@ from netlab.filestore import ChunkWorker, widen_reads
 from netlab.session import Control, Data
 
 #: Bytes of file data per frame the client sends (capped by the server's limit).
-CHUNK_SIZE = 256 * 1024
+CHUNK_SIZE = 1024 * 1024
 #: Received data queued for the client's worker thread before reading pauses.
 WORKER_HIGH_WATER = 8 * 1024 * 1024
 

@@ -63,7 +63,7 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 #: Bytes a get or put may have queued for its worker thread before the
 #: network side is paused.
-WORKER_HIGH_WATER = 8 * 1024 * 1024
+WORKER_HIGH_WATER = 4 * 1024 * 1024
 
 
 def store_policy(config: NetlabConfig) -> StorePolicy:
@@ -505,7 +505,12 @@ class FileService(SessionService):
 
     def __init__(self, config: NetlabConfig, reactor: Any) -> None:
         super().__init__(config, reactor)
-        self.store = Store(config.file_root, reactor, store_policy(config))
+        self.store = Store(
+            config.file_root,
+            reactor,
+            store_policy(config),
+            high_water=WORKER_HIGH_WATER,
+        )
         self.sweeper: LoopingCall | None = None
 
     def application(self, session: ServerSession) -> ISessionApplication:
