@@ -523,6 +523,10 @@ class FileService(SessionService):
         if self.config.file.root is None:
             self.config.file_root.mkdir(mode=0o700, parents=True, exist_ok=True)
         super().privilegedStartService()
+        self.warn_if_exposed()
+
+    def warn_if_exposed(self) -> None:
+        """Log a warning when anonymous access is open beyond loopback."""
         address = self.config.listen_address("file")
         if self.allow_anonymous(self.config) and not address.is_loopback:
             log.warn(

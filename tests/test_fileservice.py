@@ -14,9 +14,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import attrs
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from netlab.auth import FailureTracker, Verifier
@@ -420,3 +422,40 @@ class ProtocolDocumentTests(TestCase):
         self.assertGreater(len(messages), 12)
         for message in messages:
             decode_control(message.encode())
+
+
+class ServiceTests(TestCase):
+    """The FileService: reload and start-up warnings."""
+
+    def make(self, **file: Any) -> FileService:
+        directory = temporary_directory(self)
+        (directory / "root").mkdir()
+        config = from_mapping(
+            {"file": {"root": str(directory / "root"), **file}},
+            base_directory=directory,
+        )
+        return FileService(config, reactor)
+
+    def test_reload_applies_store_policy(self) -> None:
+        """A reload hands the new quota and overwrite policy to the store at once."""
+        service = self.make(quota="1MiB")
+        new = attrs.evolve(
+            service.config,
+            file=attrs.evolve(service.config.file, quota=5, overwrite="never"),
+        )
+        self.assertEqual(service.reconfigure(new), [])
+        self.assertEqual(service.store.policy.quota, 5)
+        self.assertEqual(service.store.policy.overwrite, "never")
+
+    def test_anonymous_beyond_loopback_warns(self) -> None:
+        """Anonymous access on a non-loopback address is logged as a warning."""
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.make(
+            anonymous="read", endpoint="tcp:8021:interface=0.0.0.0"
+        ).warn_if_exposed()
+        self.make(anonymous="read").warn_if_exposed()
+        self.make(endpoint="tcp:8021:interface=0.0.0.0").warn_if_exposed()
+        warnings = [e for e in events if e.get("event") == "file.anonymous.exposed"]
+        self.assertEqual(len(warnings), 1)
