@@ -30,6 +30,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -285,10 +286,7 @@ class FileApplication:
 
     def _stat(self, message: Control) -> None:
         path = _path(message, allow_root=True)
-        entry = self.store.stat(path)
-        digest = None
-        if entry.type == "file":
-            digest = self.store.digests.get(self.store.sandbox.lstat(path))
+        entry, digest = self.store.stat(path)
         self.session.send(
             "entry", entry=entry.as_wire(), sha256=digest.hex() if digest else None
         )
@@ -392,8 +390,6 @@ class FileApplication:
             self.session.send(
                 "get-end", sha256=range_digest.hex(), file_sha256=whole.hex()
             )
-
-        from twisted.internet.defer import ensureDeferred
 
         ensureDeferred(finish()).addErrback(self._get_failed, path)
 

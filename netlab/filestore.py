@@ -586,12 +586,11 @@ class Store:
 
     # -- read-only operations ------------------------------------------------
 
-    def stat(self, path: RemotePath) -> Entry:
+    def stat(self, path: RemotePath) -> tuple[Entry, bytes | None]:
+        """The entry for ``path`` and its digest, if one is known and current."""
         status = self.sandbox.lstat(path)
-        return entry_of(path.name or ".", status)
-
-    def cached_digest(self, path: RemotePath, status: os.stat_result) -> bytes | None:
-        return self.digests.get(status)
+        digest = self.digests.get(status) if stat.S_ISREG(status.st_mode) else None
+        return entry_of(path.name or ".", status), digest
 
     def list_directory(self, path: RemotePath) -> list[Entry]:
         """Every entry of a directory, sorted by name (partials hidden)."""
