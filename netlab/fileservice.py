@@ -64,7 +64,11 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 #: Bytes a get or put may have queued for its worker thread before the
 #: network side is paused.
-WORKER_HIGH_WATER = 4 * 1024 * 1024
+WORKER_HIGH_WATER = 2 * 1024 * 1024
+#: Bytes read per call during a put, and queued by a get before its producer
+#: pauses: larger than Twisted's 64 KiB for fewer reactor turns, small enough
+#: to keep the daemon's memory flat with many transfers.
+SOCKET_BUFFER = 256 * 1024
 
 
 def store_policy(config: NetlabConfig) -> StorePolicy:
@@ -173,9 +177,7 @@ class FileApplication:
         self.store = service.store
         self.upload: Upload | None = None
         self.producer: DownloadProducer | None = None
-        # Fewer, larger reads for uploads; the same size bounds what a get
-        # queues in the transport before its producer is paused.
-        widen_reads(session.protocol.transport)
+        widen_reads(session.protocol.transport, SOCKET_BUFFER)
         #: After a failed put, the client's data frames still in flight and
         #: its put-end are dropped until it starts another operation.
         self.discarding = False

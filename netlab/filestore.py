@@ -262,19 +262,17 @@ class ChunkWorker:
 # Transport tuning shared by both ends of a transfer
 # --------------------------------------------------------------------------
 
-#: Bytes read from the socket per call during a transfer (Twisted reads 64 KiB
-#: by default: with 256 KiB frames that is four reactor turns per frame).
-READ_SIZE = 1024 * 1024
+def widen_reads(transport: Any, size: int) -> None:
+    """Read up to ``size`` bytes per call on the TCP transport under ``transport``.
 
-
-def widen_reads(transport: Any) -> None:
-    """Read up to :data:`READ_SIZE` per call on the TCP transport under ``transport``.
-
-    Under TLS the TCP transport is the wrapper's ``transport``.
+    Twisted reads 64 KiB per call, so a 1 MiB frame costs 16 reactor turns;
+    the same ``bufferSize`` is also how much a transport queues before it
+    pauses its producer.  Under TLS the TCP transport is the wrapper's
+    ``transport``.
     """
     while transport is not None:
         if hasattr(transport, "bufferSize"):
-            transport.bufferSize = READ_SIZE
+            transport.bufferSize = size
             return
         transport = getattr(transport, "transport", None)
 
@@ -405,6 +403,9 @@ class Upload:
         self.received = offset
         self.lock_key = lock_key
         self.closed = False
+        #: Set once verification and installation have begun: from then on
+        #: a lost connection must not pull the descriptors from under them.
+        self.completing = False
         os.lseek(descriptor, offset, os.SEEK_SET)
         self.worker = ChunkWorker(
             store.reactor,
@@ -434,6 +435,7 @@ class Upload:
 
         On any failure the partial file is removed (its content is known bad).
         """
+        self.completing = True
         try:
             await self._verify()
             _, digest = self.worker.digests()
@@ -507,7 +509,13 @@ class Upload:
         )
 
     def interrupt(self) -> Deferred[None]:
-        """The connection is gone: store what arrived and keep it for a resume."""
+        """The connection is gone: store what arrived and keep it for a resume.
+
+        An upload already completing finishes by itself (its result is
+        simply not reported).
+        """
+        if self.completing:
+            return self.worker.finish().addErrback(lambda _: None)
         return self._release(keep=True, drain=True)
 
     def close(self, *, keep: bool) -> Deferred[None]:
