@@ -11,6 +11,7 @@ import os
 import resource
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 from twisted.internet import reactor
@@ -294,6 +295,18 @@ class FaultTests(EndToEndTestCase):
         self.assertEqual(sent, len(data) - 1_000_000)
         await session.close()
         self.assertEqual((self.setup.root / "g").read_bytes(), data)
+        self.assertServed()
+
+    def test_stale_partial_swept_at_start(self) -> None:
+        """A partial older than partial_expiry is removed when the daemon starts."""
+        stale = self.setup.root / (PARTIAL_PREFIX + "0" * 40)
+        stale.write_bytes(b"left over by a crash")
+        long_ago = time.time() - 2 * 86400
+        os.utime(stale, (long_ago, long_ago))
+        self.daemon.stop()
+        self.daemon = self.start()
+        self.daemon.wait_for(r"removed 1 expired partials")
+        self.assertFalse(stale.exists())
         self.assertServed()
 
     async def test_disconnect_mid_put(self) -> None:
