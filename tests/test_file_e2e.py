@@ -299,6 +299,7 @@ class FaultTests(EndToEndTestCase):
 
     def test_stale_partial_swept_at_start(self) -> None:
         """A partial older than partial_expiry is removed when the daemon starts."""
+        self.daemon.wait_for(r"expired partials")  # the first daemon's own sweep
         stale = self.setup.root / (PARTIAL_PREFIX + "0" * 40)
         stale.write_bytes(b"left over by a crash")
         long_ago = time.time() - 2 * 86400
