@@ -591,6 +591,9 @@ class Store:
         #: Bytes used below the root: measured by :meth:`sweep`, then kept up
         #: to date by completed uploads and removals.
         self.usage = 0
+        #: Changes to usage made while a sweep walks the tree (it may or may
+        #: not have seen them; counting them again errs on the side of quota).
+        self._changed_during_sweep = 0
 
     # -- read-only operations ------------------------------------------------
 
@@ -655,7 +658,7 @@ class Store:
                     ) from None
                 raise TransferRefused("io-error", f"{path}: {error.strerror}") from None
         if stat.S_ISREG(status.st_mode):
-            self.usage = max(0, self.usage - status.st_size)
+            self._account(-status.st_size)
 
     def begin_upload(
         self,
@@ -767,7 +770,11 @@ class Store:
 
         Partial files are counted only when :meth:`sweep` measures the tree.
         """
-        self.usage = max(0, self.usage + upload.size - replaced)
+        self._account(upload.size - replaced)
+
+    def _account(self, change: int) -> None:
+        self.usage = max(0, self.usage + change)
+        self._changed_during_sweep += change
 
     # -- maintenance ---------------------------------------------------------
 
@@ -799,7 +806,8 @@ class Store:
         """Run :meth:`scan` in a thread and record the usage it measured."""
 
         def record(result: tuple[int, int]) -> None:
-            self.usage, removed = result
+            used, removed = result
+            self.usage = max(0, used + max(0, self._changed_during_sweep))
             log.info(
                 "file store holds {used} bytes; removed {removed} expired partials",
                 event="file.sweep",
@@ -807,6 +815,7 @@ class Store:
                 removed=removed,
             )
 
+        self._changed_during_sweep = 0
         return deferToThread(self.scan).addCallback(record)
 
 
