@@ -230,7 +230,9 @@ def rsyncd(module_path: Path, *, read_only: bool = True) -> Iterator[RunningServ
             "[data]\n"
             f"  path = {module_path}\n"
             f"  read only = {'yes' if read_only else 'no'}\n"
-            "  uid = root\n  gid = root\n"
+            # As root, rsyncd would otherwise switch to "nobody", who cannot
+            # write into the benchmark's directory.
+            + ("  uid = root\n  gid = root\n" if os.geteuid() == 0 else "")
         )
         argv = [
             "rsync",
