@@ -262,6 +262,7 @@ class ChunkWorker:
 # Transport tuning shared by both ends of a transfer
 # --------------------------------------------------------------------------
 
+
 def widen_reads(transport: Any, size: int) -> None:
     """Read up to ``size`` bytes per call on the TCP transport under ``transport``.
 
