@@ -48,7 +48,7 @@ from netlab.filestore import (
     Upload,
     widen_reads,
 )
-from netlab.framing import DataFrameBuffer
+from netlab.framing import DATA_TYPE, HEADER_SIZE, DataFrameBuffer
 from netlab.session import (
     Control,
     ErrorCode,
@@ -61,6 +61,8 @@ from netlab.tcpservice import SessionService
 log = Logger(namespace="netlab.file")
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+#: Where a data frame's payload starts (after the length prefix and type byte).
+_DATA_OFFSET = HEADER_SIZE + len(DATA_TYPE)
 
 #: Bytes a get or put may have queued for its worker thread before the
 #: network side is paused.
@@ -162,7 +164,9 @@ class DownloadProducer:
                 continue
             self.remaining -= size
             self.position += size
-            if self.worker is not None and self.worker.submit(memoryview(frame)[5:]):
+            if self.worker is not None and self.worker.submit(
+                memoryview(frame)[_DATA_OFFSET:]
+            ):
                 self.hash_paused = True
             self.session.write_frame(frame, size)
 
