@@ -11,6 +11,7 @@ See ../shared/REFERENCE-SERVERS.md for how each one behaved on this machine.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import signal
 import socket
@@ -178,6 +179,8 @@ def ensure_bench_user() -> None:
     else:
         return
     require("useradd")
+    if os.geteuid() != 0:
+        raise Unavailable(f"creating the user {BENCH_USER} needs root")
     subprocess.run(
         [
             "useradd",
@@ -226,6 +229,8 @@ def sshd(ciphers: str | None = None) -> Iterator[SSHServer]:
     offers.  sshd must start as root (it changes to the user after login).
     """
     require("sshd", "ssh-keygen", "scp", "sftp")
+    if os.geteuid() != 0:
+        raise Unavailable("sshd must start as root to log a user in")
     ensure_bench_user()
     Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
     with scratch("sshd") as directory:
@@ -277,7 +282,9 @@ def rsyncd(module_path: Path, *, read_only: bool = True) -> Iterator[RunningServ
             "[data]\n"
             f"  path = {module_path}\n"
             f"  read only = {'yes' if read_only else 'no'}\n"
-            "  uid = root\n  gid = root\n"
+            # As root, rsyncd would otherwise switch to "nobody", who cannot
+            # write into the benchmark's directory.
+            + ("  uid = root\n  gid = root\n" if os.geteuid() == 0 else "")
         )
         argv = [
             "rsync",

@@ -752,10 +752,11 @@ class FileSection:
         live=True,
     )
     chunk_size: int = setting(
-        256 * 1024,
+        1024 * 1024,
         Size(minimum=4096, maximum=4 * 1024 * 1024),
-        "Bytes of file data per data frame. Larger frames cost fewer "
-        "per-frame overheads; the default suits loopback and LAN.",
+        "Bytes of file data per data frame a get sends (never more than the "
+        "client accepts). Larger frames cost fewer per-frame overheads: on "
+        "loopback 1 MiB frames took a third less CPU than 256 KiB ones.",
         live=True,
     )
     partial_expiry: float = setting(

@@ -30,11 +30,13 @@ from twisted.internet.threads import deferToThread
 from netlab.client import Session
 from netlab.errors import ConnectionFailed, IntegrityError, RemoteError, UsageError
 from netlab.filepaths import escape_name
-from netlab.filestore import ChunkWorker
+from netlab.filestore import ChunkWorker, widen_reads
 from netlab.session import Control, Data
 
 #: Bytes of file data per frame the client sends (capped by the server's limit).
-CHUNK_SIZE = 256 * 1024
+CHUNK_SIZE = 1024 * 1024
+#: Bytes the client reads from the socket per call while downloading.
+READ_SIZE = 1024 * 1024
 #: Received data queued for the client's worker thread before reading pauses.
 WORKER_HIGH_WATER = 8 * 1024 * 1024
 
@@ -150,6 +152,7 @@ async def download(
         start = await session.request("get", path=remote, offset=0)
     _expect(start, "get-start")
     size = int(start.get("size", -1))
+    widen_reads(session.transport, READ_SIZE)
     descriptor = os.open(part, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         os.ftruncate(descriptor, offset)

@@ -30,6 +30,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -45,8 +46,9 @@ from netlab.filestore import (
     StorePolicy,
     TransferRefused,
     Upload,
+    widen_reads,
 )
-from netlab.framing import DataFrameBuffer
+from netlab.framing import DATA_TYPE, HEADER_SIZE, DataFrameBuffer
 from netlab.session import (
     Control,
     ErrorCode,
@@ -59,10 +61,16 @@ from netlab.tcpservice import SessionService
 log = Logger(namespace="netlab.file")
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+#: Where a data frame's payload starts (after the length prefix and type byte).
+_DATA_OFFSET = HEADER_SIZE + len(DATA_TYPE)
 
 #: Bytes a get or put may have queued for its worker thread before the
 #: network side is paused.
-WORKER_HIGH_WATER = 8 * 1024 * 1024
+WORKER_HIGH_WATER = 2 * 1024 * 1024
+#: Bytes read per call during a put, and queued by a get before its producer
+#: pauses: larger than Twisted's 64 KiB for fewer reactor turns, small enough
+#: to keep the daemon's memory flat with many transfers.
+SOCKET_BUFFER = 256 * 1024
 
 
 def store_policy(config: NetlabConfig) -> StorePolicy:
@@ -156,7 +164,9 @@ class DownloadProducer:
                 continue
             self.remaining -= size
             self.position += size
-            if self.worker is not None and self.worker.submit(memoryview(frame)[5:]):
+            if self.worker is not None and self.worker.submit(
+                memoryview(frame)[_DATA_OFFSET:]
+            ):
                 self.hash_paused = True
             self.session.write_frame(frame, size)
 
@@ -171,6 +181,7 @@ class FileApplication:
         self.store = service.store
         self.upload: Upload | None = None
         self.producer: DownloadProducer | None = None
+        widen_reads(session.protocol.transport, SOCKET_BUFFER)
         #: After a failed put, the client's data frames still in flight and
         #: its put-end are dropped until it starts another operation.
         self.discarding = False
@@ -281,10 +292,7 @@ class FileApplication:
 
     def _stat(self, message: Control) -> None:
         path = _path(message, allow_root=True)
-        entry = self.store.stat(path)
-        digest = None
-        if entry.type == "file":
-            digest = self.store.digests.get(self.store.sandbox.lstat(path))
+        entry, digest = self.store.stat(path)
         self.session.send(
             "entry", entry=entry.as_wire(), sha256=digest.hex() if digest else None
         )
@@ -388,8 +396,6 @@ class FileApplication:
             self.session.send(
                 "get-end", sha256=range_digest.hex(), file_sha256=whole.hex()
             )
-
-        from twisted.internet.defer import ensureDeferred
 
         ensureDeferred(finish()).addErrback(self._get_failed, path)
 
@@ -501,7 +507,12 @@ class FileService(SessionService):
 
     def __init__(self, config: NetlabConfig, reactor: Any) -> None:
         super().__init__(config, reactor)
-        self.store = Store(config.file_root, reactor, store_policy(config))
+        self.store = Store(
+            config.file_root,
+            reactor,
+            store_policy(config),
+            high_water=WORKER_HIGH_WATER,
+        )
         self.sweeper: LoopingCall | None = None
 
     def application(self, session: ServerSession) -> ISessionApplication:
@@ -514,6 +525,10 @@ class FileService(SessionService):
         if self.config.file.root is None:
             self.config.file_root.mkdir(mode=0o700, parents=True, exist_ok=True)
         super().privilegedStartService()
+        self.warn_if_exposed()
+
+    def warn_if_exposed(self) -> None:
+        """Log a warning when anonymous access is open beyond loopback."""
         address = self.config.listen_address("file")
         if self.allow_anonymous(self.config) and not address.is_loopback:
             log.warn(

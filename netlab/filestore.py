@@ -259,6 +259,26 @@ class ChunkWorker:
 
 
 # --------------------------------------------------------------------------
+# Transport tuning shared by both ends of a transfer
+# --------------------------------------------------------------------------
+
+
+def widen_reads(transport: Any, size: int) -> None:
+    """Read up to ``size`` bytes per call on the TCP transport under ``transport``.
+
+    Twisted reads 64 KiB per call, so a 1 MiB frame costs 16 reactor turns;
+    the same ``bufferSize`` is also how much a transport queues before it
+    pauses its producer.  Under TLS the TCP transport is the wrapper's
+    ``transport``.
+    """
+    while transport is not None:
+        if hasattr(transport, "bufferSize"):
+            transport.bufferSize = size
+            return
+        transport = getattr(transport, "transport", None)
+
+
+# --------------------------------------------------------------------------
 # Policy and records
 # --------------------------------------------------------------------------
 
@@ -384,6 +404,9 @@ class Upload:
         self.received = offset
         self.lock_key = lock_key
         self.closed = False
+        #: Set once verification and installation have begun: from then on
+        #: a lost connection must not pull the descriptors from under them.
+        self.completing = False
         os.lseek(descriptor, offset, os.SEEK_SET)
         self.worker = ChunkWorker(
             store.reactor,
@@ -413,6 +436,7 @@ class Upload:
 
         On any failure the partial file is removed (its content is known bad).
         """
+        self.completing = True
         try:
             await self._verify()
             _, digest = self.worker.digests()
@@ -486,7 +510,13 @@ class Upload:
         )
 
     def interrupt(self) -> Deferred[None]:
-        """The connection is gone: store what arrived and keep it for a resume."""
+        """The connection is gone: store what arrived and keep it for a resume.
+
+        An upload already completing finishes by itself (its result is
+        simply not reported).
+        """
+        if self.completing:
+            return self.worker.finish().addErrback(lambda _: None)
         return self._release(keep=True, drain=True)
 
     def close(self, *, keep: bool) -> Deferred[None]:
@@ -562,15 +592,17 @@ class Store:
         #: Bytes used below the root: measured by :meth:`sweep`, then kept up
         #: to date by completed uploads and removals.
         self.usage = 0
+        #: Changes to usage made while a sweep walks the tree (it may or may
+        #: not have seen them; counting them again errs on the side of quota).
+        self._changed_during_sweep = 0
 
     # -- read-only operations ------------------------------------------------
 
-    def stat(self, path: RemotePath) -> Entry:
+    def stat(self, path: RemotePath) -> tuple[Entry, bytes | None]:
+        """The entry for ``path`` and its digest, if one is known and current."""
         status = self.sandbox.lstat(path)
-        return entry_of(path.name or ".", status)
-
-    def cached_digest(self, path: RemotePath, status: os.stat_result) -> bytes | None:
-        return self.digests.get(status)
+        digest = self.digests.get(status) if stat.S_ISREG(status.st_mode) else None
+        return entry_of(path.name or ".", status), digest
 
     def list_directory(self, path: RemotePath) -> list[Entry]:
         """Every entry of a directory, sorted by name (partials hidden)."""
@@ -627,7 +659,7 @@ class Store:
                     ) from None
                 raise TransferRefused("io-error", f"{path}: {error.strerror}") from None
         if stat.S_ISREG(status.st_mode):
-            self.usage = max(0, self.usage - status.st_size)
+            self._account(-status.st_size)
 
     def begin_upload(
         self,
@@ -739,7 +771,11 @@ class Store:
 
         Partial files are counted only when :meth:`sweep` measures the tree.
         """
-        self.usage = max(0, self.usage + upload.size - replaced)
+        self._account(upload.size - replaced)
+
+    def _account(self, change: int) -> None:
+        self.usage = max(0, self.usage + change)
+        self._changed_during_sweep += change
 
     # -- maintenance ---------------------------------------------------------
 
@@ -771,7 +807,8 @@ class Store:
         """Run :meth:`scan` in a thread and record the usage it measured."""
 
         def record(result: tuple[int, int]) -> None:
-            self.usage, removed = result
+            used, removed = result
+            self.usage = max(0, used + max(0, self._changed_during_sweep))
             log.info(
                 "file store holds {used} bytes; removed {removed} expired partials",
                 event="file.sweep",
@@ -779,6 +816,7 @@ class Store:
                 removed=removed,
             )
 
+        self._changed_during_sweep = 0
         return deferToThread(self.scan).addCallback(record)
 
 

@@ -34,8 +34,13 @@ class FileSetup:
         return {"NETLAB_KEY_FILE": str(self.keys[user])}
 
 
-def file_setup(directory: Path, extra: str = "", endpoint: str = "") -> FileSetup:
-    """Users, keys, a root and a config in ``directory``."""
+def file_setup(
+    directory: Path, extra: str = "", endpoint: str = "", sections: str = ""
+) -> FileSetup:
+    """Users, keys, a root and a config in ``directory``.
+
+    ``extra`` goes into ``[file]``; ``sections`` (whole sections) at the end.
+    """
     root = directory / "root"
     root.mkdir()
     users_file = directory / "users.toml"
@@ -62,6 +67,7 @@ def file_setup(directory: Path, extra: str = "", endpoint: str = "") -> FileSetu
         enabled = false
         [chat]
         enabled = false
+        {sections}
         """,
     )
     return FileSetup(directory, root, config, keys)

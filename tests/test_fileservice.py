@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import time
+from pathlib import Path
 from typing import Any
 
+import attrs
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from netlab.auth import FailureTracker, Verifier
@@ -22,7 +26,7 @@ from netlab.config import from_mapping
 from netlab.fileservice import FileService
 from netlab.filestore import PARTIAL_PREFIX
 from netlab.framing import encode_data_frame
-from netlab.session import SessionFactory, SessionPolicy
+from netlab.session import SessionFactory, SessionPolicy, decode_control
 from tests.sessionsupport import USERS, FakeClient, control
 from tests.support import temporary_directory
 
@@ -360,3 +364,98 @@ class TransferTests(FileServiceTestCase):
         self.assertEqual(
             (await self.wait_for(client, "put-done"))[-1]["op"], "put-done"
         )
+
+
+class ProtocolDocumentTests(TestCase):
+    """docs/protocol.rst documents every file-service error code and message."""
+
+    def test_error_codes_documented(self) -> None:
+        """Each code the file modules raise appears in the file-service section."""
+        root = Path(__file__).resolve().parent.parent
+        source = "".join(
+            (root / "netlab" / name).read_text()
+            for name in ("filepaths.py", "filestore.py", "fileservice.py")
+        )
+        codes = set(
+            re.findall(
+                r"(?:PathRefused|TransferRefused|RequestError|_fail_put|send_error)"
+                r'\(\s*"([a-z-]+)"',
+                source,
+            )
+        )
+        self.assertGreater(len(codes), 15)
+        section = (root / "docs" / "protocol.rst").read_text().split("File service")[1]
+        for code in codes:
+            self.assertIn(f"``{code}``", section)
+
+    def test_messages_documented(self) -> None:
+        """Every operation and answer of the file service is described."""
+        root = Path(__file__).resolve().parent.parent
+        section = (root / "docs" / "protocol.rst").read_text().split("File service")[1]
+        for op in (
+            "ls",
+            "listing",
+            "stat",
+            "entry",
+            "mkdir",
+            "rm",
+            "done",
+            "get",
+            "get-start",
+            "get-end",
+            "put",
+            "put-start",
+            "put-end",
+            "put-done",
+        ):
+            self.assertIn(f'"op": "{op}"', section)
+
+    def test_examples_parse(self) -> None:
+        """Every example message in the file-service section decodes."""
+        root = Path(__file__).resolve().parent.parent
+        section = (root / "docs" / "protocol.rst").read_text().split("File service")[1]
+        messages = [
+            line.strip().removeprefix("->").strip()
+            for line in section.splitlines()
+            if line.strip().removeprefix("->").strip().startswith('{"op"')
+        ]
+        self.assertGreater(len(messages), 12)
+        for message in messages:
+            decode_control(message.encode())
+
+
+class ServiceTests(TestCase):
+    """The FileService: reload and start-up warnings."""
+
+    def make(self, **file: Any) -> FileService:
+        directory = temporary_directory(self)
+        (directory / "root").mkdir()
+        config = from_mapping(
+            {"file": {"root": str(directory / "root"), **file}},
+            base_directory=directory,
+        )
+        return FileService(config, reactor)
+
+    def test_reload_applies_store_policy(self) -> None:
+        """A reload hands the new quota and overwrite policy to the store at once."""
+        service = self.make(quota="1MiB")
+        new = attrs.evolve(
+            service.config,
+            file=attrs.evolve(service.config.file, quota=5, overwrite="never"),
+        )
+        self.assertEqual(service.reconfigure(new), [])
+        self.assertEqual(service.store.policy.quota, 5)
+        self.assertEqual(service.store.policy.overwrite, "never")
+
+    def test_anonymous_beyond_loopback_warns(self) -> None:
+        """Anonymous access on a non-loopback address is logged as a warning."""
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.make(
+            anonymous="read", endpoint="tcp:8021:interface=0.0.0.0"
+        ).warn_if_exposed()
+        self.make(anonymous="read").warn_if_exposed()
+        self.make(endpoint="tcp:8021:interface=0.0.0.0").warn_if_exposed()
+        warnings = [e for e in events if e.get("event") == "file.anonymous.exposed"]
+        self.assertEqual(len(warnings), 1)
