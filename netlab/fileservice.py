@@ -241,7 +241,7 @@ class FileApplication:
         except PathRefused as error:
             raise RequestError(error.code, error.message) from None
 
-    def data_received(self, payload: bytes) -> None:
+    def data_received(self, payload: bytes | memoryview) -> None:
         upload = self.upload
         if upload is None:
             if self.discarding:

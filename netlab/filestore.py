@@ -454,7 +454,7 @@ class Upload:
             on_error=on_error,
         )
 
-    def receive(self, chunk: bytes) -> bool:
+    def receive(self, chunk: bytes | memoryview) -> bool:
         """Take one data chunk; True when the sender should be paused.
 
         Raises :class:`TransferRefused` when the chunk goes past the declared size.
