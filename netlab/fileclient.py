@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import stat
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,10 @@ CHUNK_SIZE = 1024 * 1024
 READ_SIZE = 1024 * 1024
 #: Received data queued for the client's worker thread before reading pauses.
 WORKER_HIGH_WATER = 8 * 1024 * 1024
+#: Bytes per read while hashing a file before a put, and how many such
+#: buffers the read-ahead thread may fill before the hashing catches up.
+HASH_BLOCK = 1024 * 1024
+HASH_BUFFERS = 4
 
 Progress = Callable[[int], None]
 
@@ -111,19 +117,51 @@ def part_path(local: Path) -> Path:
     return local.with_name(local.name + ".part")
 
 
-def _hash_file(path: Path) -> tuple[int, str]:
+def hash_file(descriptor: int) -> tuple[int, str]:
+    """(thread) The size and SHA-256 (hex) of an open file, read from offset 0.
+
+    A second thread reads the next blocks into a few reused buffers while
+    this one hashes, so reading (a memory copy from the page cache, ~0.2
+    s/GiB) overlaps with SHA-256 (~0.55 s/GiB) instead of adding to it:
+    a put cannot send a byte before its digest is known.
+    """
+    free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+    filled: queue.SimpleQueue[tuple[bytearray, int] | OSError] = queue.SimpleQueue()
+    for _ in range(HASH_BUFFERS):
+        free.put(bytearray(HASH_BLOCK))
+    stop = threading.Event()
+
+    def read_ahead() -> None:
+        position = 0
+        try:
+            while not stop.is_set():
+                buffer = free.get()
+                count = os.preadv(descriptor, [buffer], position)
+                filled.put((buffer, count))
+                if not count:
+                    return
+                position += count
+        except OSError as error:
+            filled.put(error)
+
+    threading.Thread(target=read_ahead, name="netlab-hash-read", daemon=True).start()
     digest = hashlib.sha256()
     size = 0
-    with path.open("rb", buffering=0) as stream:
-        buffer = bytearray(1 << 20)
-        view = memoryview(buffer)
+    try:
         while True:
-            count = stream.readinto(buffer)
+            item = filled.get()
+            if isinstance(item, OSError):
+                raise item
+            buffer, count = item
             if not count:
-                break
-            digest.update(view[:count])
+                return size, digest.hexdigest()
+            digest.update(memoryview(buffer)[:count])
             size += count
-    return size, digest.hexdigest()
+            free.put(buffer)
+    finally:
+        # Let a reader still waiting for a buffer see the stop and end.
+        stop.set()
+        free.put(bytearray(HASH_BLOCK))
 
 
 async def download(
@@ -316,7 +354,7 @@ async def upload(
     try:
         if not stat.S_ISREG(os.fstat(descriptor).st_mode):
             raise UsageError(f"{local} is not a regular file (use -r for directories)")
-        size, digest = await deferToThread(_hash_file, local)
+        size, digest = await deferToThread(hash_file, descriptor)
         start = _expect(
             await session.request(
                 "put", path=remote, size=size, sha256=digest, force=force

@@ -36,6 +36,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from netlab.allocator import keep_transfer_buffers
 from netlab.config import NetlabConfig
 from netlab.filepaths import PathRefused, RemotePath, parse_path
 from netlab.filestore import (
@@ -241,7 +242,7 @@ class FileApplication:
         except PathRefused as error:
             raise RequestError(error.code, error.message) from None
 
-    def data_received(self, payload: bytes) -> None:
+    def data_received(self, payload: bytes | memoryview) -> None:
         upload = self.upload
         if upload is None:
             if self.discarding:
@@ -541,6 +542,7 @@ class FileService(SessionService):
 
     def startService(self) -> None:
         super().startService()
+        keep_transfer_buffers()
         self.sweeper = LoopingCall(self.store.sweep)
         self.sweeper.clock = self.reactor
         interval = min(self.config.file.partial_expiry, 3600.0)

@@ -138,9 +138,15 @@ class Control:
 
 @attrs.frozen
 class Data:
-    """A data frame's payload (without its type byte)."""
+    """A data frame's payload (without its type byte).
 
-    payload: bytes
+    The payload is a read-only view into the received frame rather than a
+    copy of it: a data frame is usually hundreds of KiB, and copying it only
+    to drop its first byte cost a memory copy and a fresh allocation per
+    frame.
+    """
+
+    payload: bytes | memoryview
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -221,7 +227,7 @@ def decode_frame(
     if payload[:1] == b"{":
         return decode_control(payload, control_limit)
     if payload[:1] == DATA_TYPE:
-        return Data(payload[1:])
+        return Data(memoryview(payload)[1:])
     if not payload:
         raise ProtocolError(ErrorCode.BAD_FRAME, "empty frame")
     raise ProtocolError(
@@ -321,7 +327,7 @@ class ISessionApplication(Interface):
     def control_received(message: Control) -> object:
         """A control message other than ``ping`` and ``bye`` arrived."""
 
-    def data_received(payload: bytes) -> object:
+    def data_received(payload: bytes | memoryview) -> object:
         """A data frame arrived (its payload, without the type byte)."""
 
     def connection_lost(reason: Failure) -> None:

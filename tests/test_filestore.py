@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -370,3 +371,27 @@ class ChunkWorkerTests(TestCase):
         range_digest, whole = worker.digests()
         self.assertEqual(range_digest, hashlib.sha256(b"tail").digest())
         self.assertEqual(whole, hashlib.sha256(b"headtail").digest())
+
+    async def test_writes_in_order_after_hashing(self) -> None:
+        """With a descriptor, every chunk is hashed and written in order, and
+        the backlog counts a chunk until it is written."""
+        path = temporary_directory(self) / "f"
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        self.addCleanup(os.close, descriptor)
+        release = threading.Event()
+
+        def slow_writer(fd: int, data: bytes) -> int:
+            release.wait(10)
+            return os.write(fd, data)
+
+        worker = ChunkWorker(reactor, descriptor=descriptor, writer=slow_writer)
+        chunks = [bytes([index]) * (1000 + index) for index in range(50)]
+        for chunk in chunks:
+            worker.submit(memoryview(chunk))
+        # Nothing can be written yet, so nothing has left the backlog.
+        self.assertEqual(worker.backlog, sum(map(len, chunks)))
+        release.set()
+        await worker.finish()
+        self.assertEqual(worker.backlog, 0)
+        self.assertEqual(path.read_bytes(), b"".join(chunks))
+        self.assertEqual(worker.digests()[0], hashlib.sha256(b"".join(chunks)).digest())
