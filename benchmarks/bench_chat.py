@@ -321,23 +321,10 @@ source_rate = 1000000.0
 source_burst = 1000000.0
 """
         )
-        argv = [
-            sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-            "-n", "--pidfile=", "netlab", "--config", str(config),
-        ]  # fmt: skip
-        log = (Path(directory) / "daemon.log").open("wb")
-        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-        try:
+        argv = refservers.twistd_netlab(config)
+        with refservers.running("netlab", argv, port, Path(directory), tcp=False):
             wait_for_chat(port)
             yield port
-        finally:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-            log.close()
 
 
 def wait_for_chat(port: int, timeout: float = 20.0) -> None:

@@ -44,7 +44,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import refservers
 
-TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 SNTP_REQUEST = b"\x23" + bytes(47)  # version 4, mode 3 (client)
 #: No measurement waits longer than this for anything.
 TIMEOUT = 20.0
@@ -92,10 +91,6 @@ def netlab_config(directory: Path, time_endpoint: str, *, file: bool = False) ->
     return path
 
 
-def netlab_command(config: Path) -> list[str]:
-    return [*TWISTD, "--nodaemon", "--pidfile=", "netlab", "--config", str(config)]
-
-
 @contextlib.contextmanager
 def notify_socket() -> Iterator[tuple[socket.socket, str]]:
     """An abstract datagram socket standing in for systemd's notify socket."""
@@ -125,7 +120,7 @@ def netlab_cold_start() -> float:
         config = netlab_config(directory, f"udp:{port}:interface=127.0.0.1")
         started = time.monotonic()
         with refservers.running(
-            "netlab", netlab_command(config), port, directory, tcp=False
+            "netlab", refservers.twistd_netlab(config), port, directory, tcp=False
         ):
             return first_answer(port, started)
 
@@ -144,7 +139,7 @@ def netlab_ready() -> float:
     with refservers.scratch("netlab") as directory, notify_socket() as (listener, name):
         config = netlab_config(directory, "udp:0:interface=127.0.0.1", file=True)
         started = time.monotonic()
-        with daemon(netlab_command(config), directory, name):
+        with daemon(refservers.twistd_netlab(config), directory, name):
             wait_notification(listener, "READY")
             return time.monotonic() - started
 
@@ -159,7 +154,7 @@ def netlab_activated_first_answer() -> float:
             "--datagram",
             f"--listen=127.0.0.1:{port}",
             "--fdname=netlab-time",
-            *netlab_command(config),
+            *refservers.twistd_netlab(config),
         ]
         with refservers.running("activated netlab", argv, port, directory, tcp=False):
             wait_listening(directory / "activated netlab.log", port)
@@ -180,7 +175,7 @@ def netlab_reloads(runs: int) -> list[float]:
     samples = []
     with refservers.scratch("netlab") as directory, notify_socket() as (listener, name):
         config = netlab_config(directory, "udp:0:interface=127.0.0.1", file=True)
-        with daemon(netlab_command(config), directory, name) as process:
+        with daemon(refservers.twistd_netlab(config), directory, name) as process:
             wait_notification(listener, "READY")
             for _ in range(runs):
                 started = time.monotonic()
@@ -200,7 +195,7 @@ def netlab_warm(runs: int) -> list[float]:
     with refservers.scratch("netlab") as directory:
         config = netlab_config(directory, f"udp:{port}:interface=127.0.0.1")
         with refservers.running(
-            "netlab", netlab_command(config), port, directory, tcp=False
+            "netlab", refservers.twistd_netlab(config), port, directory, tcp=False
         ):
             first_answer(port, time.monotonic())
             return warm_round_trips(port, runs)
@@ -227,12 +222,7 @@ def daemon(
         try:
             yield process
         finally:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            refservers.stop_process(process)
 
 
 # --------------------------------------------------------------------------

@@ -42,7 +42,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import refservers
 
 ROOT = Path(__file__).resolve().parent.parent
-TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 MAX_SECONDS = 20.0
 _STAMP = struct.Struct("!Q")
 
@@ -170,7 +169,7 @@ def netlab_time(workers: int) -> Iterator[refservers.RunningServer]:
             'leap = "none"\nrate = 0\nglobal_rate = 0\n'
             f"workers = {workers}\n"
         )
-        argv = [*TWISTD, "-n", "--pidfile=", "netlab", "--config", str(config)]
+        argv = refservers.twistd_netlab(config)
         with refservers.running("netlab", argv, port, directory, tcp=False) as server:
             refservers.wait_for_ntp(port)
             if workers > 1:

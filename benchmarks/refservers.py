@@ -16,12 +16,21 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import attrs
+
+#: ``twistd`` for this interpreter (``python -m twisted`` is the newer ``twist``).
+TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+def twistd_netlab(config: Path) -> list[str]:
+    """The command line of a foreground ``twistd netlab`` with ``config``."""
+    return [*TWISTD, "--nodaemon", "--pidfile=", "netlab", "--config", str(config)]
 
 
 class Unavailable(Exception):
@@ -65,13 +74,18 @@ class RunningServer:
     directory: Path
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """Stop a process this module started: SIGTERM, then SIGKILL after ``timeout``."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 @contextlib.contextmanager

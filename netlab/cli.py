@@ -23,6 +23,7 @@ from netlab import __version__
 from netlab.config import NetlabConfig, client_config_path, load
 from netlab.errors import ExitCode, NetlabError
 from netlab.memory import keep_freed_memory
+from netlab.terminal import escape_name
 
 #: Modules that add subcommands, in the order ``--help`` lists them.
 COMMAND_MODULES: list[str] = [
@@ -119,10 +120,13 @@ def report(error: BaseException, verbose: int) -> int:
     """Print an error as one line (plus a traceback with -v); return the exit code."""
     if verbose:
         traceback.print_exception(error)
+    # Messages may quote what a server sent: escape them so a hostile server
+    # cannot drive the terminal or break the one-line promise.
     if isinstance(error, NetlabError):
-        sys.stderr.write(f"netlab: {error}\n")
+        sys.stderr.write(f"netlab: {escape_name(str(error))}\n")
         return int(error.exit_code)
-    sys.stderr.write(f"netlab: unexpected error: {error!r} (run with -v for details)\n")
+    detail = escape_name(repr(error))
+    sys.stderr.write(f"netlab: unexpected error: {detail} (run with -v for details)\n")
     return int(ExitCode.FAILURE)
 
 

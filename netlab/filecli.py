@@ -29,7 +29,7 @@ from netlab.fileclient import (
     stat_remote,
     upload,
 )
-from netlab.filepaths import escape_name
+from netlab.terminal import escape_name
 
 
 def register(subparsers: Any) -> None:

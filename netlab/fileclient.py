@@ -29,9 +29,9 @@ from twisted.internet.threads import deferToThread
 
 from netlab.client import Session
 from netlab.errors import ConnectionFailed, IntegrityError, RemoteError, UsageError
-from netlab.filepaths import escape_name
 from netlab.filestore import ChunkWorker, widen_reads
 from netlab.session import Control, Data
+from netlab.terminal import escape_name
 
 #: Bytes of file data per frame the client sends (capped by the server's limit).
 CHUNK_SIZE = 1024 * 1024

@@ -30,14 +30,14 @@ from pathlib import Path
 
 import attrs
 
+from netlab.terminal import UNPRINTABLE_CATEGORIES, escape_name
+
 #: Longest name of one component, in UTF-8 bytes (Linux's NAME_MAX).
 NAME_MAX = 255
 #: Longest whole path, in UTF-8 bytes (Linux's PATH_MAX).
 PATH_MAX = 4096
 #: Names the service keeps for itself (partial uploads); clients cannot use them.
 RESERVED_PREFIX = ".netlab-"
-
-_REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
 
 
 class PathRefused(Exception):
@@ -51,31 +51,6 @@ class PathRefused(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
-
-
-def escape_name(name: str) -> str:
-    """``name`` with every unprintable character and backslash escaped.
-
-    Safe to print on a terminal or write to a log: an ANSI escape sequence
-    comes out as ``\\x1b[31m`` instead of turning the text red.
-    """
-    out: list[str] = []
-    for character in name:
-        if character == "\\":
-            out.append("\\\\")
-        elif character.isprintable() and unicodedata.category(character) not in (
-            _REFUSED_CATEGORIES
-        ):
-            out.append(character)
-        else:
-            code = ord(character)
-            if code <= 0xFF:
-                out.append(f"\\x{code:02x}")
-            elif code <= 0xFFFF:
-                out.append(f"\\u{code:04x}")
-            else:
-                out.append(f"\\U{code:08x}")
-    return "".join(out)
 
 
 @attrs.frozen
@@ -119,7 +94,7 @@ def check_name(name: str) -> str:
     if "\0" in name:
         raise PathRefused("bad-path", "the path contains a NUL character")
     for character in name:
-        if unicodedata.category(character) in _REFUSED_CATEGORIES:
+        if unicodedata.category(character) in UNPRINTABLE_CATEGORIES:
             raise PathRefused(
                 "bad-path",
                 f'the name "{escape_name(name)}" contains the control or format '

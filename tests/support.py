@@ -192,6 +192,23 @@ class Daemon:
         return "\n".join(self.output)
 
 
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def run_benchmark(
+    name: str, timeout: float = 300.0
+) -> subprocess.CompletedProcess[str]:
+    """Run ``benchmarks/NAME --quick`` (a smoke run, never a timing test)."""
+    return subprocess.run(
+        [sys.executable, str(BENCHMARKS / name), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+
+
 def run_netlab(
     *args: str, env: dict[str, str] | None = None, timeout: float = 30.0, **kw: Any
 ) -> subprocess.CompletedProcess[str]:

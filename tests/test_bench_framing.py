@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 from twisted.trial.unittest import TestCase
 
-BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_framing.py"
+from .support import run_benchmark
 
 
 class QuickBenchmarkTests(TestCase):
     def test_quick_run(self) -> None:
         """The quick run exits 0 and prints decode, encode and loopback tables."""
-        result = subprocess.run(
-            [sys.executable, str(BENCHMARK), "--quick"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        result = run_benchmark("bench_framing.py")
         self.assertEqual(result.returncode, 0, result.stderr)
         for heading in ("decode in memory", "encode data frames", "loopback"):
             self.assertIn(heading, result.stdout)

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 from twisted.trial.unittest import TestCase
 
-BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_systemd.py"
+from .support import run_benchmark
 
 
 class QuickBenchmarkTests(TestCase):
@@ -16,14 +12,7 @@ class QuickBenchmarkTests(TestCase):
         """``bench_systemd.py --quick`` exits 0 and prints every row, with
         netlab's figures always measured (references may be n/a when chronyd
         or systemd-socket-activate is not installed)."""
-        result = subprocess.run(
-            [sys.executable, str(BENCHMARK), "--quick"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            stdin=subprocess.DEVNULL,
-            check=False,
-        )
+        result = run_benchmark("bench_systemd.py")
         self.assertEqual(result.returncode, 0, result.stderr)
         number = r" +\d+\.\d{3}"
         for row in (

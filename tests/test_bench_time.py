@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 from twisted.trial.unittest import TestCase
 
-BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_time.py"
+from .support import run_benchmark
 
 
 class QuickBenchmarkTests(TestCase):
@@ -17,14 +13,7 @@ class QuickBenchmarkTests(TestCase):
 
         chronyd is skipped when it is not installed; netlab always runs.
         """
-        result = subprocess.run(
-            [sys.executable, str(BENCHMARK), "--quick"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            stdin=subprocess.DEVNULL,
-            check=False,
-        )
+        result = run_benchmark("bench_time.py")
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertRegex(result.stdout, r"netlab \(1 process\) +[\d,]+ +\d+ +\d+")
         self.assertRegex(result.stdout, r"netlab \(workers = 2\) +[\d,]+")

@@ -107,6 +107,12 @@ class ReportTests(TestCase):
         self.assertEqual(code, ExitCode.REMOTE)
         self.assertIn("another upload is in progress (busy)", text)
 
+    def test_server_text_cannot_drive_the_terminal(self) -> None:
+        """Escape sequences and newlines a server puts in an error are escaped."""
+        code, text = self.capture(RemoteError("denied", "no\x1b[2J\nfake line"))
+        self.assertEqual(code, ExitCode.REMOTE)
+        self.assertEqual(text, "netlab: no\\x1b[2J\\x0afake line (denied)\n")
+
     def test_unexpected_errors_suggest_verbose(self) -> None:
         """A bug is one line that points at -v; -v prints the traceback."""
         code, text = self.capture(ZeroDivisionError("oops"))

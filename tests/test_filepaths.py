@@ -15,9 +15,9 @@ from netlab.filepaths import (
     PathRefused,
     RemotePath,
     Sandbox,
-    escape_name,
     parse_path,
 )
+from netlab.terminal import escape_name
 from tests.support import temporary_directory
 
 
