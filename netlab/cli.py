@@ -22,6 +22,7 @@ import attrs
 from netlab import __version__
 from netlab.config import NetlabConfig, client_config_path, load
 from netlab.errors import ExitCode, NetlabError
+from netlab.memory import keep_freed_memory
 from netlab.terminal import escape_name
 
 #: Modules that add subcommands, in the order ``--help`` lists them.
@@ -105,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Entry point of the ``netlab`` console script."""
+    keep_freed_memory()
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Handler | None = getattr(args, "handler", None)

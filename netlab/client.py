@@ -29,7 +29,7 @@ from typing import Any
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, fail, succeed
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.python.failure import Failure
@@ -68,6 +68,7 @@ from netlab.session import (
     decode_frame,
     encode_control,
 )
+from netlab.tls import connect_tls
 
 #: The largest frame the client accepts (announced in its hello).
 CLIENT_MAX_FRAME = 16 * 1024 * 1024
@@ -529,11 +530,14 @@ async def _connect(
     host, port, tls = service_address(config, service, server)
     timeout = config.client.timeout
     endpoint: Any = HostnameEndpoint(reactor, host, port, timeout=timeout)
-    if tls:
-        endpoint = wrapClientTLS(tls_options(config, host), endpoint)
+    options = tls_options(config, host) if tls else None
     factory = Factory.forProtocol(lambda: ClientProtocol(identity, host, tls))
     try:
-        protocol: ClientProtocol = await endpoint.connect(factory)
+        protocol: ClientProtocol = await (
+            endpoint.connect(factory)
+            if options is None
+            else connect_tls(endpoint, options, factory, reactor)
+        )
     except Exception as error:
         raise ConnectionFailed(
             f"cannot connect to the {service} service at {host}:{port}: {error}"

@@ -37,6 +37,7 @@ from netlab.systemd import (
     check_stream_socket,
     inherited_descriptor,
 )
+from netlab.tls import TLSListeningReactor
 
 log = Logger(namespace="netlab")
 
@@ -185,8 +186,13 @@ class StreamListeningService(ListeningService):
                 check_stream_socket(address.name, address.options["domain"])
             except ActivationError as error:
                 raise ServiceStartError(f"[{self.name}] {error}") from None
+        # ssl: endpoints listen through TLSListeningReactor, which serves them
+        # with netlab's bulk TLS transport (see netlab.tls).
+        reactor = (
+            TLSListeningReactor(self.reactor) if address.kind == "ssl" else self.reactor
+        )
         try:
-            endpoint = serverFromString(self.reactor, self.endpoint_description())
+            endpoint = serverFromString(reactor, self.endpoint_description())
         except (ValueError, OSError) as error:
             raise ServiceStartError(f"[{self.name}] endpoint: {error}") from None
         listening = endpoint.listen(self.factory())

@@ -18,6 +18,7 @@ from netlab.config import SERVICE_TRANSPORTS, NetlabConfig, load
 from netlab.errors import ConfigError, ExitCode
 from netlab.lifecycle import Lifecycle
 from netlab.logs import NetlabLogObserver, open_destination
+from netlab.memory import keep_freed_memory
 from netlab.service import NetlabService, ServiceStartError, check_available
 from netlab.systemd import Notifier
 from netlab.tcpservice import check_tls_files
@@ -102,6 +103,7 @@ def makeService(options: Options) -> NetlabService:
     """Build the service tree (called by twistd after :meth:`Options.postOptions`)."""
     from twisted.internet import reactor
 
+    keep_freed_memory()
     config = options.config
     parent: Any = options.parent or {}
     nodaemon = bool(parent.get("nodaemon", True))

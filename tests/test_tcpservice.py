@@ -29,6 +29,7 @@ from netlab.errors import (
 from netlab.service import ServiceStartError
 from netlab.session import ISessionApplication, ServerSession
 from netlab.tcpservice import SessionService, check_tls_files
+from netlab.tls import BulkTLSProtocol
 from tests.sessionsupport import KEY, OTHER_KEY, EchoApplication
 from tests.support import temporary_directory
 from tests.tlssupport import CertificateAuthority
@@ -144,6 +145,28 @@ class TLSTests(ServiceTestCase):
             self.assertEqual(answer["user"], "alice")
             session.send_data(b"x" * 100_000)
             self.assertEqual(len((await session.receive()).payload), 100_000)
+            await session.close()
+
+        return ensureDeferred(scenario())
+
+    def test_tls_session_uses_bulk_transport_and_aes128(self) -> None:
+        """Both ends run netlab's bulk TLS transport over TLS 1.3 AES-128-GCM."""
+        service, config = self.serve(["127.0.0.1"])
+
+        async def scenario() -> None:
+            session = await connect(
+                config,
+                reactor=reactor,
+                server=self.address(service),
+                identity=Identity("alice", KEY),
+            )
+            await session.request("echo", n=1)
+            [server_session] = service.session_factory.sessions
+            for transport in (session.transport, server_session.protocol.transport):
+                self.assertIsInstance(transport, BulkTLSProtocol)
+                connection = transport.getHandle()
+                self.assertEqual(connection.get_protocol_version_name(), "TLSv1.3")
+                self.assertEqual(connection.get_cipher_name(), "TLS_AES_128_GCM_SHA256")
             await session.close()
 
         return ensureDeferred(scenario())

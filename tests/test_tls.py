@@ -1,0 +1,252 @@
+"""netlab.tls: the bulk TLS transport, in memory and over loopback.
+
+The in-memory tests connect a client and a server :class:`BulkTLSProtocol`
+through ``StringTransport`` objects and move the bytes by hand, so they can
+count how many objects cross each layer; the loopback tests run real sockets
+on port 0 and check that what is written arrives intact and in order.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import reactor, ssl
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+
+from netlab.tls import (
+    BULK_WRITE,
+    BulkTLSFactory,
+    BulkTLSProtocol,
+    TLSListeningReactor,
+    connect_tls,
+    server_connection_creator,
+)
+from tests.support import temporary_directory
+from tests.tlssupport import CertificateAuthority
+
+
+class Recorder(Protocol):
+    """Keeps every ``dataReceived`` call; fires ``lost`` with the reason the
+    connection was lost."""
+
+    def __init__(self) -> None:
+        self.calls: list[bytes] = []
+        self.lost: Deferred[list[Failure]] = Deferred()
+
+    @property
+    def received(self) -> bytes:
+        return b"".join(self.calls)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.calls.append(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        # Wrapped in a list: a Deferred fed a Failure would fail with it.
+        self.lost.callback([reason])
+
+
+class CountingTransport(StringTransport):
+    """A StringTransport that counts its ``write`` calls."""
+
+    writes = 0
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+        super().write(data)
+
+
+def _credentials(directory: Path) -> tuple[Any, Any, str]:
+    """Server options, client options, and the ``ssl:`` key options, for localhost."""
+    authority = CertificateAuthority()
+    certificate, key = authority.issue(directory, ["localhost", "127.0.0.1"])
+    server = ssl.PrivateCertificate.loadPEM(
+        certificate.read_bytes() + key.read_bytes()
+    ).options()
+    trust = ssl.Certificate.loadPEM(
+        authority.write_ca(directory / "ca.pem").read_bytes()
+    )
+    client = ssl.optionsForClientTLS("127.0.0.1", trustRoot=trust)
+    description = f"privateKey={key}:certKey={certificate}"
+    return server, client, description
+
+
+class InMemoryTests(TestCase):
+    """A client and a server BulkTLSProtocol joined by hand-pumped transports."""
+
+    def setUp(self) -> None:
+        directory = temporary_directory(self)
+        server_options, client_options, _ = _credentials(directory)
+        self.clock = MemoryReactorClock()
+        self.server_app = Recorder()
+        self.client_app = Recorder()
+        server_factory = BulkTLSFactory(
+            server_connection_creator(server_options),
+            False,
+            Factory.forProtocol(lambda: self.server_app),
+            clock=self.clock,
+        )
+        client_factory = BulkTLSFactory(
+            client_options,
+            True,
+            Factory.forProtocol(lambda: self.client_app),
+            clock=self.clock,
+        )
+        self.server = server_factory.buildProtocol(None)
+        self.client = client_factory.buildProtocol(None)
+        self.server_wire = CountingTransport()
+        self.client_wire = CountingTransport()
+        self.server.makeConnection(self.server_wire)
+        self.client.makeConnection(self.client_wire)
+        self.pump()
+        self.assertTrue(self.client._handshakeDone and self.server._handshakeDone)
+
+    def pump(self) -> None:
+        """Deliver what each side wrote to the other until both are quiet."""
+        while True:
+            self.clock.advance(0)  # flush Twisted's small-write aggregator
+            to_server = self.client_wire.value()
+            to_client = self.server_wire.value()
+            if not (to_server or to_client):
+                return
+            self.client_wire.clear()
+            self.server_wire.clear()
+            if to_server:
+                self.server.dataReceived(to_server)
+            if to_client:
+                self.client.dataReceived(to_client)
+
+    def test_protocol_classes(self) -> None:
+        """Both ends are BulkTLSProtocol and agree on TLS 1.3 with AES-128-GCM."""
+        self.assertIsInstance(self.server, BulkTLSProtocol)
+        self.assertIsInstance(self.client, BulkTLSProtocol)
+        for side in (self.server, self.client):
+            connection = side.getHandle()
+            self.assertEqual(connection.get_protocol_version_name(), "TLSv1.3")
+            self.assertEqual(connection.get_cipher_name(), "TLS_AES_128_GCM_SHA256")
+
+    def test_bulk_write_is_one_transport_write(self) -> None:
+        """A 1 MiB write (64 TLS records) reaches TCP as one object, not 64."""
+        payload = os.urandom(1024 * 1024)
+        before = self.server_wire.writes
+        self.server.write(payload)
+        self.assertEqual(self.server_wire.writes - before, 1)
+        self.pump()
+        self.assertEqual(self.client_app.received, payload)
+
+    def test_one_read_is_one_delivery(self) -> None:
+        """All the records decrypted from one TCP read reach dataReceived at once."""
+        payload = os.urandom(3 * 1024 * 1024 + 7)
+        self.server.write(payload)
+        ciphertext = self.server_wire.value()
+        self.server_wire.clear()
+        self.client.dataReceived(ciphertext)
+        self.assertEqual(self.client_app.calls, [payload])
+
+    def test_small_and_large_writes_keep_their_order(self) -> None:
+        """Small writes held by the aggregator go out before a later bulk write."""
+        large = os.urandom(BULK_WRITE * 3 + 1)
+        self.client.write(b"first ")
+        self.client.write(large)
+        self.client.write(b" last")
+        self.pump()
+        self.assertEqual(self.server_app.received, b"first " + large + b" last")
+
+    def test_data_before_close_is_delivered(self) -> None:
+        """Bytes written just before loseConnection arrive before the TLS close."""
+        payload = os.urandom(200_000)
+        self.server.write(payload)
+        self.server.loseConnection()
+        ciphertext = self.server_wire.value()
+        self.server_wire.clear()
+        self.client.dataReceived(ciphertext)
+        self.assertEqual(self.client_app.received, payload)
+        self.assertTrue(self.client._lostTLSConnection)
+
+    def test_corrupted_record_fails_the_connection(self) -> None:
+        """A tampered record is a TLS error: nothing of it is delivered."""
+        self.server.write(b"x" * 50_000)
+        self.clock.advance(0)  # a small write waits for the aggregator
+        ciphertext = bytearray(self.server_wire.value())
+        self.server_wire.clear()
+        ciphertext[-10] ^= 0xFF
+        self.client.dataReceived(bytes(ciphertext))
+        self.assertTrue(self.client._lostTLSConnection)
+        self.assertTrue(self.client_wire.disconnecting)
+        self.assertLess(len(self.client_app.received), 50_000)
+
+
+class LoopbackTests(TestCase):
+    """Real sockets: a server from an ssl: endpoint string, a client by connect_tls."""
+
+    def test_round_trip(self) -> None:
+        """Several MiB each way arrive intact, with certificate verification on."""
+        directory = temporary_directory(self)
+        _, client_options, key_options = _credentials(directory)
+        payload = os.urandom(5 * 1024 * 1024 + 3)
+        server_app = Recorder()
+
+        class Echo(Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                server_app.dataReceived(data)
+                assert self.transport is not None
+                self.transport.write(data)
+                if len(server_app.received) == len(payload):
+                    self.transport.loseConnection()
+
+        endpoint = serverFromString(
+            TLSListeningReactor(reactor),
+            f"ssl:0:interface=127.0.0.1:{key_options}",
+        )
+
+        async def scenario() -> None:
+            port = await endpoint.listen(Factory.forProtocol(Echo))
+            self.addCleanup(port.stopListening)
+            client_app = Recorder()
+            client = await connect_tls(
+                TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port),
+                client_options,
+                Factory.forProtocol(lambda: client_app),
+                reactor,
+            )
+            self.assertIs(client, client_app)
+            client.transport.write(payload)
+            await client_app.lost
+            self.assertEqual(client_app.received, payload)
+            self.assertEqual(server_app.received, payload)
+
+        return ensureDeferred(scenario())
+
+    def test_untrusted_server_is_refused(self) -> None:
+        """connect_tls keeps verification: a server from another CA is refused."""
+        directory = temporary_directory(self)
+        _, _, key_options = _credentials(directory)
+        stranger = Path(tempfile.mkdtemp(dir=directory))
+        _, client_options, _ = _credentials(stranger)
+        endpoint = serverFromString(
+            TLSListeningReactor(reactor),
+            f"ssl:0:interface=127.0.0.1:{key_options}",
+        )
+
+        async def scenario() -> None:
+            port = await endpoint.listen(Factory.forProtocol(Protocol))
+            self.addCleanup(port.stopListening)
+            client_app = Recorder()
+            await connect_tls(
+                TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port),
+                client_options,
+                Factory.forProtocol(lambda: client_app),
+                reactor,
+            )
+            [reason] = await client_app.lost
+            self.assertIn("certificate verify failed", str(reason.value))
+            self.assertEqual(client_app.received, b"")
+
+        return ensureDeferred(scenario())
