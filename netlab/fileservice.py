@@ -36,7 +36,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from netlab.allocator import keep_transfer_buffers
 from netlab.config import NetlabConfig
 from netlab.filepaths import PathRefused, RemotePath, parse_path
 from netlab.filestore import (
@@ -542,7 +541,6 @@ class FileService(SessionService):
 
     def startService(self) -> None:
         super().startService()
-        keep_transfer_buffers()
         self.sweeper = LoopingCall(self.store.sweep)
         self.sweeper.clock = self.reactor
         interval = min(self.config.file.partial_expiry, 3600.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import subprocess
 import sys
 
@@ -43,6 +44,16 @@ class KeepFreedMemoryTests(TestCase):
     def test_applies_on_glibc(self) -> None:
         """On this (glibc) system the settings are accepted."""
         self.assertTrue(keep_freed_memory())
+
+    def test_without_glibc_nothing_is_done(self) -> None:
+        """A C library that is not glibc (musl, macOS) is reported, not an error."""
+
+        class NotGlibc:
+            def __init__(self, name: object) -> None:
+                pass
+
+        self.patch(ctypes, "CDLL", NotGlibc)
+        self.assertFalse(keep_freed_memory())
 
     def test_freed_blocks_are_reused(self) -> None:
         """Frame-sized blocks freed and allocated again cost no new page faults.
