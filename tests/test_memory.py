@@ -61,5 +61,7 @@ class KeepFreedMemoryTests(TestCase):
         Without the settings, the 3 MiB freed at the top of the heap are
         returned to the kernel every round and faulted in again.
         """
-        self.assertGreater(_faults("stock"), 19 * 256)  # >= 1 MiB per round
+        # The control: stock glibc faults most of the freed MiB in again each
+        # round (seen: 4,600-4,900 of 4,864 pages); the exact share varies.
+        self.assertGreater(_faults("stock"), 19 * 128)
         self.assertLess(_faults("keep"), 100)
