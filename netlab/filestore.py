@@ -38,6 +38,7 @@ import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
 
 from netlab.filepaths import RESERVED_PREFIX, PathRefused, RemotePath, Sandbox
 
@@ -305,13 +306,13 @@ def widen_reads(transport: Any, size: int) -> None:
     Twisted reads 64 KiB per call, so a 1 MiB frame costs 16 reactor turns;
     the same ``bufferSize`` is also how much a transport queues before it
     pauses its producer.  Under TLS the TCP transport is the wrapper's
-    ``transport``.
+    ``transport``; the wrapper forwards attribute reads to it
+    (``ProtocolWrapper.__getattr__``), so ``hasattr`` cannot tell them apart.
     """
-    while transport is not None:
-        if hasattr(transport, "bufferSize"):
-            transport.bufferSize = size
-            return
-        transport = getattr(transport, "transport", None)
+    while isinstance(transport, ProtocolWrapper):
+        transport = transport.transport
+    if hasattr(transport, "bufferSize"):
+        transport.bufferSize = size
 
 
 # --------------------------------------------------------------------------

@@ -11,6 +11,9 @@ from pathlib import Path
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import StringTransport
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.trial.unittest import TestCase
 
 from netlab.filepaths import PathRefused, parse_path
@@ -22,6 +25,7 @@ from netlab.filestore import (
     Store,
     StorePolicy,
     Writer,
+    widen_reads,
 )
 from tests.support import temporary_directory
 
@@ -395,3 +399,25 @@ class ChunkWorkerTests(TestCase):
         self.assertEqual(worker.backlog, 0)
         self.assertEqual(path.read_bytes(), b"".join(chunks))
         self.assertEqual(worker.digests()[0], hashlib.sha256(b"".join(chunks)).digest())
+
+
+class WidenReadsTests(TestCase):
+    """widen_reads changes how much the TCP transport reads per call."""
+
+    def test_plain_tcp_transport(self) -> None:
+        """A plain TCP transport gets the new read size."""
+        tcp = StringTransport()
+        tcp.bufferSize = 65536  # type: ignore[attr-defined]
+        widen_reads(tcp, 1 << 20)
+        self.assertEqual(tcp.bufferSize, 1 << 20)  # type: ignore[attr-defined]
+
+    def test_reaches_the_tcp_transport_under_a_wrapper(self) -> None:
+        """Under a wrapping transport (TLS) the TCP transport's read size changes,
+        not an attribute on the wrapper, which forwards attribute reads."""
+        tcp = StringTransport()
+        tcp.bufferSize = 65536  # type: ignore[attr-defined]
+        wrapper = ProtocolWrapper(WrappingFactory(Factory()), Protocol())
+        wrapper.makeConnection(tcp)
+        widen_reads(wrapper, 1 << 20)
+        self.assertEqual(tcp.bufferSize, 1 << 20)  # type: ignore[attr-defined]
+        self.assertNotIn("bufferSize", vars(wrapper))
