@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -167,18 +167,20 @@ async def stat_command(context: Context) -> int:
 
 
 async def rm_command(context: Context) -> int:
-    session = await _session(context)
-    try:
-        await remove(session, context.args.path)
-    finally:
-        await session.close()
-    return 0
+    return await _one_request(context, remove)
 
 
 async def mkdir_command(context: Context) -> int:
+    return await _one_request(context, make_directory)
+
+
+async def _one_request(
+    context: Context, operation: Callable[[Session, str], Awaitable[object]]
+) -> int:
+    """Open a session, apply ``operation`` to the PATH argument, close."""
     session = await _session(context)
     try:
-        await make_directory(session, context.args.path)
+        await operation(session, context.args.path)
     finally:
         await session.close()
     return 0

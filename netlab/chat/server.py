@@ -495,8 +495,9 @@ class ChatServer:
             )
         return user, server_proof
 
-    def _json_say(self, session: Session, request: dict[str, Any]) -> bytes:
-        text = self._message_text(request.get("text"))
+    def _say(self, session: Session, raw_text: object) -> None:
+        """Say a message to the member's room (JSON and text mode alike)."""
+        text = self._message_text(raw_text)
         room = self._room_of(session)
         self._broadcast(
             room,
@@ -504,6 +505,9 @@ class ChatServer:
             {"from": session.nick, "text": text},
             f"[{room.name}] {session.nick}: {text}",
         )
+
+    def _json_say(self, session: Session, request: dict[str, Any]) -> bytes:
+        self._say(session, request.get("text"))
         return encode({"type": "ok", "re": request.get("id")})
 
     def _json_private(self, session: Session, request: dict[str, Any]) -> bytes:
@@ -677,14 +681,7 @@ class ChatServer:
         command, _, argument = line.partition(" ")
         argument = argument.strip()
         if not line.startswith("/"):
-            text = self._message_text(line)
-            room = self._room_of(session)
-            self._broadcast(
-                room,
-                "msg",
-                {"from": session.nick, "text": text},
-                f"[{room.name}] {session.nick}: {text}",
-            )
+            self._say(session, line)
         elif command == "/nick":
             if session.nick is None:
                 self._set_nick(session, argument)
