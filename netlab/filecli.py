@@ -9,9 +9,10 @@ docs/cli.rst; a transfer that fails verification exits 7.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -84,14 +85,20 @@ def _transfer_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
-async def _session(context: Context) -> Session:
-    return await connect(
+@contextlib.asynccontextmanager
+async def _connected(context: Context) -> AsyncIterator[Session]:
+    """A session with the file service, closed however the block ends."""
+    session = await connect(
         context.config,
         "file",
         reactor=context.reactor,
         server=context.args.server,
         user=context.args.user,
     )
+    try:
+        yield session
+    finally:
+        await session.close()
 
 
 def _progress(context: Context, label: str) -> Callable[[int, int], Progress] | None:
@@ -140,21 +147,15 @@ def _format_entry(entry: RemoteEntry, long: bool) -> str:
 
 
 async def ls_command(context: Context) -> int:
-    session = await _session(context)
-    try:
+    async with _connected(context) as session:
         async for entry in list_directory(session, context.args.path):
             print(_format_entry(entry, context.args.long))
-    finally:
-        await session.close()
     return 0
 
 
 async def stat_command(context: Context) -> int:
-    session = await _session(context)
-    try:
+    async with _connected(context) as session:
         entry, digest = await stat_remote(session, context.args.path)
-    finally:
-        await session.close()
     print(f"path:   {escape_name(context.args.path)}")
     print(f"type:   {entry.type}")
     print(f"size:   {entry.size}")
@@ -167,22 +168,14 @@ async def stat_command(context: Context) -> int:
 
 
 async def rm_command(context: Context) -> int:
-    return await _one_request(context, remove)
+    async with _connected(context) as session:
+        await remove(session, context.args.path)
+    return 0
 
 
 async def mkdir_command(context: Context) -> int:
-    return await _one_request(context, make_directory)
-
-
-async def _one_request(
-    context: Context, operation: Callable[[Session, str], Awaitable[object]]
-) -> int:
-    """Open a session, apply ``operation`` to the PATH argument, close."""
-    session = await _session(context)
-    try:
-        await operation(session, context.args.path)
-    finally:
-        await session.close()
+    async with _connected(context) as session:
+        await make_directory(session, context.args.path)
     return 0
 
 
@@ -194,16 +187,13 @@ async def get_command(context: Context) -> int:
     remote = args.remote.rstrip("/") if args.remote not in ("", "/") else args.remote
     name = PurePosixPath(remote).name
     local = Path(args.local) if args.local else Path(name or ".")
-    session = await _session(context)
-    try:
+    async with _connected(context) as session:
         if args.recursive:
             await _get_tree(context, session, remote, local)
         else:
             if local.is_dir():
                 local = local / name
             await _get_one(context, session, remote, local)
-    finally:
-        await session.close()
     return 0
 
 
@@ -259,8 +249,7 @@ async def put_command(context: Context) -> int:
     if not local.exists():
         raise UsageError(f"{local} does not exist")
     remote = args.remote if args.remote is not None else local.resolve().name
-    session = await _session(context)
-    try:
+    async with _connected(context) as session:
         if args.recursive:
             if not local.is_dir():
                 raise UsageError(f"{local} is not a directory")
@@ -269,8 +258,6 @@ async def put_command(context: Context) -> int:
             if local.is_dir():
                 raise UsageError(f"{local} is a directory; use -r")
             await _put_one(context, session, local, remote)
-    finally:
-        await session.close()
     return 0
 
 
