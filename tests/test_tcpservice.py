@@ -177,14 +177,7 @@ class TLSTests(ServiceTestCase):
         service, config = self.serve(["localhost"])
 
         async def scenario() -> None:
-            with self.assertRaises(TLSVerificationFailed) as caught:
-                await connect(
-                    config,
-                    reactor=reactor,
-                    server=self.address(service),
-                    identity=Identity("alice", KEY),
-                )
-            self.assertIn("does not name 127.0.0.1", str(caught.exception))
+            await self.refused_verification(service, config, "does not name 127.0.0.1")
             await self.second_client_served(service, config)
 
         return ensureDeferred(scenario())
@@ -199,17 +192,20 @@ class TLSTests(ServiceTestCase):
             self.directory, "ssl:0:interface=127.0.0.1", tls={"ca_file": str(stranger)}
         )
 
-        async def scenario() -> None:
-            with self.assertRaises(TLSVerificationFailed) as caught:
-                await connect(
-                    config,
-                    reactor=reactor,
-                    server=self.address(service),
-                    identity=Identity("alice", KEY),
-                )
-            self.assertIn("ca_file", str(caught.exception))
+        return ensureDeferred(self.refused_verification(service, config, "ca_file"))
 
-        return ensureDeferred(scenario())
+    async def refused_verification(
+        self, service: EchoService, config: NetlabConfig, reason: str
+    ) -> None:
+        """Connecting fails with TLSVerificationFailed naming ``reason``."""
+        with self.assertRaises(TLSVerificationFailed) as caught:
+            await connect(
+                config,
+                reactor=reactor,
+                server=self.address(service),
+                identity=Identity("alice", KEY),
+            )
+        self.assertIn(reason, str(caught.exception))
 
     async def second_client_served(
         self, service: EchoService, config: NetlabConfig
