@@ -31,7 +31,6 @@ import os
 import re
 import resource
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -48,7 +47,6 @@ from tests.tlssupport import CertificateAuthority
 
 MiB = 1024 * 1024
 NETLAB = [sys.executable, "-m", "netlab"]
-TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
 
 def sha256_of(path: Path) -> str:
@@ -150,14 +148,7 @@ class NetlabDaemon:
             "[command]\nenabled = false\n"
         )
         self.process = subprocess.Popen(
-            [
-                *TWISTD,
-                "--nodaemon",
-                "--pidfile=",
-                "netlab",
-                "--config",
-                str(self.config),
-            ],
+            refservers.twistd_netlab(self.config),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -199,12 +190,7 @@ class NetlabDaemon:
         return 0.0
 
     def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        refservers.stop_process(self.process)
 
 
 @contextlib.contextmanager
@@ -377,46 +363,35 @@ class Bench:
         ):
             try:
                 with refservers.sshd(ciphers) as server:
-                    remote = f"{server.target}:"
-                    if label == "scp":
-                        self.measure(
-                            label,
-                            "get",
-                            lambda target, s=server, r=remote: timed(
-                                s.command("scp", f"{r}{self.source}", str(target))
-                            ),
-                            server.server.process.pid,
-                        )
-                        self.measure(
-                            label,
-                            "put",
-                            lambda target, s=server, r=remote: timed(
-                                s.command("scp", str(self.upload), f"{r}{target}")
-                            ),
-                            server.server.process.pid,
-                        )
-                    else:
-                        self.measure(
-                            label,
-                            "get",
-                            lambda target, s=server: timed(
-                                s.command("sftp", "-q", "-b", "-", s.target),
-                                input=f"get {self.source} {target}\n".encode(),
-                            ),
-                            server.server.process.pid,
-                        )
-                        self.measure(
-                            label,
-                            "put",
-                            lambda target, s=server: timed(
-                                s.command("sftp", "-q", "-b", "-", s.target),
-                                input=f"put {self.upload} {target}\n".encode(),
-                            ),
-                            server.server.process.pid,
-                        )
+                    for operation, run in self.ssh_transfers(label, server).items():
+                        self.measure(label, operation, run, server.server.process.pid)
             except refservers.Unavailable as error:
                 self.skip(label, str(error))
                 return
+
+    def ssh_transfers(
+        self, label: str, server: refservers.SSHServer
+    ) -> dict[str, Callable[[Path], float]]:
+        """How ``label`` (scp or sftp) gets and puts one file through ``server``."""
+        if label == "scp":
+            remote = f"{server.target}:"
+            return {
+                "get": lambda target: timed(
+                    server.command("scp", f"{remote}{self.source}", str(target))
+                ),
+                "put": lambda target: timed(
+                    server.command("scp", str(self.upload), f"{remote}{target}")
+                ),
+            }
+        sftp = server.command("sftp", "-q", "-b", "-", server.target)
+        return {
+            "get": lambda target: timed(
+                sftp, input=f"get {self.source} {target}\n".encode()
+            ),
+            "put": lambda target: timed(
+                sftp, input=f"put {self.upload} {target}\n".encode()
+            ),
+        }
 
     def concurrent(self, count: int, size: int) -> str:
         """``count`` simultaneous gets, then puts, of ``size`` bytes; all verified."""

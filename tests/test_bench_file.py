@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 from twisted.trial.unittest import TestCase
 
-BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_file.py"
+from .support import run_benchmark
+
 
 
 class QuickBenchmarkTests(TestCase):
     def test_quick_run(self) -> None:
         """The quick run exits 0 and prints netlab rows, RSS and concurrency."""
-        result = subprocess.run(
-            [sys.executable, str(BENCHMARK), "--quick"],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-        )
+        result = run_benchmark("bench_file.py")
         self.assertEqual(result.returncode, 0, result.stderr)
         for row in ("netlab TCP", "netlab TLS"):
             for operation in ("get", "put"):
