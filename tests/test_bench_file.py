@@ -7,7 +7,6 @@ from twisted.trial.unittest import TestCase
 from .support import run_benchmark
 
 
-
 class QuickBenchmarkTests(TestCase):
     def test_quick_run(self) -> None:
         """The quick run exits 0 and prints netlab rows, RSS and concurrency."""
