@@ -11,6 +11,8 @@ configuration on reload.
 from __future__ import annotations
 
 import importlib
+import os
+import socket
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -35,7 +37,7 @@ from netlab.systemd import (
     ActivationError,
     adopt_datagram_socket,
     check_stream_socket,
-    inherited_descriptor,
+    inherited_socket,
 )
 from netlab.tls import TLSListeningReactor
 
@@ -81,13 +83,22 @@ def changed_restart_keys(old: Any, new: Any, section: str) -> list[str]:
     ]
 
 
-def systemd_descriptor(name: str) -> int:
-    """The descriptor systemd passed under ``name`` (for services that share
-    one inherited socket with helper processes)."""
+def systemd_datagram_sockets(
+    service: str, name: str, count: int
+) -> list[socket.socket]:
+    """``count`` sockets on the UDP socket systemd passed as ``name``, checked as
+    :func:`netlab.systemd.adopt_datagram_socket` checks it, for a service that
+    shares it with helper processes.  The inherited descriptor is closed."""
     try:
-        return inherited_descriptor(name)
+        descriptor, first = inherited_socket(name, socket.SOCK_DGRAM)
     except ActivationError as error:
-        raise ServiceStartError(str(error)) from None
+        raise ServiceStartError(f"[{service}] {error}") from None
+    try:
+        return [first] + [
+            socket.socket(fileno=os.dup(descriptor)) for _ in range(count - 1)
+        ]
+    finally:
+        os.close(descriptor)
 
 
 @implementer(INetlabService)

@@ -169,8 +169,14 @@ def inherited_descriptor(name: str) -> int:
     return descriptors[name]
 
 
-def _inherited(name: str, socket_type: socket.SocketKind) -> tuple[int, socket.socket]:
-    """The descriptor named ``name`` and a checked duplicate of it as a socket."""
+def inherited_socket(
+    name: str, socket_type: socket.SocketKind
+) -> tuple[int, socket.socket]:
+    """The descriptor named ``name`` and a checked duplicate of it as a socket.
+
+    Checked: it is a socket of ``socket_type``, of an IP family, and (for
+    streams) listening.  The caller closes both when done.
+    """
     descriptor = inherited_descriptor(name)
     duplicate = -1
     try:
@@ -208,7 +214,7 @@ def check_stream_socket(name: str, domain: str) -> None:
     Twisted adopts whatever descriptor carries the name; a datagram socket or
     one of another family would only fail later, inside the reactor.
     """
-    _, sock = _inherited(name, socket.SOCK_STREAM)
+    _, sock = inherited_socket(name, socket.SOCK_STREAM)
     with sock:
         expected = getattr(socket, f"AF_{domain}", None)
         if sock.family != expected:
@@ -226,7 +232,7 @@ def adopt_datagram_socket(
     max_packet_size: int,
 ) -> IListeningPort:
     """Listen with ``protocol`` on the UDP socket systemd passed as ``name``."""
-    descriptor, sock = _inherited(name, socket.SOCK_DGRAM)
+    descriptor, sock = inherited_socket(name, socket.SOCK_DGRAM)
     with sock:
         # systemd hands sockets over blocking; one spurious wake-up on a
         # blocking socket would freeze the reactor.  O_NONBLOCK belongs to the

@@ -45,7 +45,7 @@ from netlab.ratelimit import RateLimiter, TokenBucket, Verdict
 from netlab.service import (
     DatagramListeningService,
     ServiceStartError,
-    systemd_descriptor,
+    systemd_datagram_sockets,
 )
 from netlab.timeproto import (
     LEAP_DELETE,
@@ -560,17 +560,7 @@ class TimeService(DatagramListeningService):
         if address.kind == "systemd":
             # Every process reads the one socket systemd passed.
             assert address.name is not None
-            descriptor = systemd_descriptor(address.name)
-            sockets = [socket.socket(fileno=os.dup(descriptor)) for _ in range(workers)]
-            os.close(descriptor)
-            if sockets[0].type != socket.SOCK_DGRAM:
-                for sock in sockets:
-                    sock.close()
-                raise ServiceStartError(
-                    f"[time] systemd socket {address.name!r} is not a datagram "
-                    "socket; use ListenDatagram= in the .socket unit"
-                )
-            return sockets
+            return systemd_datagram_sockets("time", address.name, workers)
         assert address.port is not None
         interface = address.interface or "0.0.0.0"  # noqa: S104 - as configured
         sockets = []

@@ -33,7 +33,7 @@ from netlab.service import (
     DatagramListeningService,
     ServiceStartError,
     StreamListeningService,
-    systemd_descriptor,
+    systemd_datagram_sockets,
 )
 from netlab.systemd import (
     Notifier,
@@ -477,19 +477,42 @@ class AdoptStreamTests(TestCase):
         assert_start_error(self, EchoStreamService, "write domain=INET6")
 
 
-class SystemdDescriptorTests(TestCase):
-    """``systemd_descriptor``: the raw descriptor, for services that hand one
-    inherited socket to helper processes as well."""
+class SystemdDatagramSocketsTests(TestCase):
+    """``systemd_datagram_sockets``: one inherited UDP socket shared by a service
+    and its helper processes, checked like every adopted socket."""
 
-    def test_named_descriptor(self) -> None:
-        """The descriptor passed under the name is returned, left open."""
-        fds = inherit(self, {"a": bound(socket.AF_INET, socket.SOCK_DGRAM)})
-        self.assertEqual(systemd_descriptor("a"), fds["a"])
-        self.assertTrue(is_open(fds["a"]))
+    def test_sockets_share_the_inherited_one(self) -> None:
+        """Each returned socket is the passed socket; the inherited descriptor
+        is closed so programs the daemon runs do not inherit it."""
+        passed = bound(socket.AF_INET, socket.SOCK_DGRAM)
+        address = passed.getsockname()
+        fds = inherit(self, {"a": passed})
+        sockets = systemd_datagram_sockets("time", "a", 3)
+        for sock in sockets:
+            self.addCleanup(sock.close)
+            self.assertEqual(sock.getsockname(), address)
+        self.assertEqual(len({sock.fileno() for sock in sockets}), 3)
+        self.assertFalse(is_open(fds["a"]))
 
     def test_missing_name(self) -> None:
-        """An unknown name is a ServiceStartError that names the unit setting."""
+        """An unknown name is a ServiceStartError that names the service and the
+        unit setting."""
         inherit(self, {"a": bound(socket.AF_INET, socket.SOCK_DGRAM)})
         with self.assertRaises(ServiceStartError) as caught:
-            systemd_descriptor("b")
+            systemd_datagram_sockets("time", "b", 2)
+        self.assertTrue(str(caught.exception).startswith("[time] "))
         self.assertIn("FileDescriptorName=b", str(caught.exception))
+
+    def test_stream_socket_refused(self) -> None:
+        """A TCP socket where UDP is needed is refused with the unit setting."""
+        inherit(self, {"a": bound(socket.AF_INET, socket.SOCK_STREAM, listen=True)})
+        with self.assertRaises(ServiceStartError) as caught:
+            systemd_datagram_sockets("time", "a", 2)
+        self.assertIn("use ListenDatagram=", str(caught.exception))
+
+    def test_unix_socket_refused(self) -> None:
+        """A datagram socket that is not IP (AF_UNIX) is refused too."""
+        inherit(self, {"a": socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)})
+        with self.assertRaises(ServiceStartError) as caught:
+            systemd_datagram_sockets("time", "a", 1)
+        self.assertIn("not an IP one", str(caught.exception))

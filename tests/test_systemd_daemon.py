@@ -326,8 +326,12 @@ class ServiceDaemonTests(TestCase):
         # The time service adopts its socket itself (it reads kernel
         # timestamps), with its own wording of the same error.
         line = daemon.wait_for("netlab: cannot start: ")
-        self.assertIn("[time] systemd socket 'netlab-time' is not a datagram", line)
-        self.assertIn("use ListenDatagram= in the .socket unit", line)
+        self.assertIn(
+            "[time] systemd socket 'netlab-time' is a stream (TCP) socket", line
+        )
+        self.assertIn(
+            "use ListenDatagram=ADDRESS:PORT (and Accept=no) in the .socket unit", line
+        )
 
     def test_reload_keeps_connected_clients(self) -> None:
         """A reload (SIGHUP) with live and restart-only changes keeps an
