@@ -53,7 +53,13 @@ from netlab.errors import (
     TLSVerificationFailed,
     UsageError,
 )
-from netlab.framing import DATA_TYPE, DataFrameBuffer, FrameReceiver, encode_data_frame
+from netlab.framing import (
+    DATA_TYPE,
+    DataFrameBuffer,
+    FrameReceiver,
+    encode_data_frame,
+    writes_consumed_at_once,
+)
 from netlab.session import (
     ANONYMOUS,
     HMAC_SHA256,
@@ -413,10 +419,17 @@ class Session:
         self.protocol.transport.write(encode_data_frame(payload))
 
     def data_frame_buffer(self, capacity: int) -> DataFrameBuffer:
-        """A reused frame buffer of ``capacity`` bytes, capped at the server's limit."""
-        return DataFrameBuffer(min(capacity, self.max_data_size))
+        """A reused frame buffer of ``capacity`` bytes, capped at the server's limit.
 
-    def write_frame(self, frame: bytes) -> None:
+        Its frames are views of the buffer itself when the transport is done
+        with each write at once (TLS): one copy per frame less.
+        """
+        return DataFrameBuffer(
+            min(capacity, self.max_data_size),
+            reuse=writes_consumed_at_once(self.protocol.transport),
+        )
+
+    def write_frame(self, frame: bytes | memoryview) -> None:
         """Write a frame from :meth:`DataFrameBuffer.fill` as is."""
         self.protocol.transport.write(frame)
 

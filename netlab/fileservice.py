@@ -48,7 +48,12 @@ from netlab.filestore import (
     Upload,
     widen_reads,
 )
-from netlab.framing import DATA_TYPE, HEADER_SIZE, DataFrameBuffer
+from netlab.framing import (
+    DATA_TYPE,
+    HEADER_SIZE,
+    DataFrameBuffer,
+    writes_consumed_at_once,
+)
 from netlab.session import (
     Control,
     ErrorCode,
@@ -120,7 +125,13 @@ class DownloadProducer:
     ) -> None:
         self.session = session
         self.download = download
-        self.buffer = DataFrameBuffer(chunk_size)
+        # A frame that only the transport uses can be a view of the buffer
+        # (TLS encrypts it at once); the hashing worker keeps its frames.
+        self.buffer = DataFrameBuffer(
+            chunk_size,
+            reuse=worker is None
+            and writes_consumed_at_once(session.protocol.transport),
+        )
         self.worker = worker
         self.on_sent = on_sent
         self.remaining = download.size - download.offset

@@ -193,29 +193,46 @@ class FrameReceiver(Int32StringReceiver):
         self.transport.write(_HEADER.pack(len(string)) + string)
 
 
+def writes_consumed_at_once(transport: Any) -> bool:
+    """Whether ``transport.write`` is done with its argument when it returns.
+
+    True for netlab's TLS transport (:class:`netlab.tls.BulkTLSProtocol`),
+    which encrypts at once; a TCP transport keeps the object until the
+    socket takes it.  Wrappers forward the attribute to what they wrap.
+    """
+    return bool(getattr(transport, "consumes_writes", False))
+
+
 class DataFrameBuffer:
     """A reused buffer holding one data frame: prefix, type byte, payload.
 
     :meth:`fill` reads up to :attr:`capacity` payload bytes into the buffer
-    with a ``readinto``-style function and returns the whole frame as one
-    ``bytes`` object ready for ``transport.write``: one copy per frame and no
-    concatenation, and the transport, handed a single object, sends it
-    without joining.  The buffer itself is allocated once per transfer.
+    with a ``readinto``-style function and returns the whole frame ready for
+    ``transport.write``: no concatenation, and the transport, handed a single
+    object, sends it without joining.  The buffer itself is allocated once
+    per transfer.  The frame is a ``bytes`` copy unless ``reuse`` is set:
+    then it is a view of the buffer itself, valid until the next ``fill``,
+    for a transport that :func:`consumes its writes at once
+    <writes_consumed_at_once>` (and nothing else keeping the frame).
     """
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, *, reuse: bool = False) -> None:
         if capacity < 1:
             raise ValueError("a data frame needs room for at least one byte")
         self.capacity = capacity
+        self.reuse = reuse
         self._prefix = HEADER_SIZE + len(DATA_TYPE)
         self._buffer = bytearray(self._prefix + capacity)
         self._buffer[HEADER_SIZE : self._prefix] = DATA_TYPE
         self._payload = memoryview(self._buffer)[self._prefix :]
 
-    def fill(self, readinto: Callable[[memoryview], int | None]) -> tuple[bytes, int]:
+    def fill(
+        self, readinto: Callable[[memoryview], int | None]
+    ) -> tuple[bytes | memoryview, int]:
         """Read the next payload; return ``(frame, payload_size)`` (size 0 at EOF)."""
         size = readinto(self._payload) or 0
         if size == 0:
             return b"", 0
         _HEADER.pack_into(self._buffer, 0, size + len(DATA_TYPE))
-        return bytes(memoryview(self._buffer)[: self._prefix + size]), size
+        frame = memoryview(self._buffer)[: self._prefix + size]
+        return (frame if self.reuse else bytes(frame)), size

@@ -418,7 +418,7 @@ class ServerSession:
         self.protocol.transport.write(encode_data_frame(payload))
         self.touch()
 
-    def write_frame(self, frame: bytes, payload_size: int) -> None:
+    def write_frame(self, frame: bytes | memoryview, payload_size: int) -> None:
         """Write an already encoded data frame (from a DataFrameBuffer)."""
         if self.state == State.CLOSED:
             return

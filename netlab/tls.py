@@ -25,6 +25,16 @@ verification through the connection creator) and changes only how bytes move:
 * everything decrypted from one TCP read reaches the application in one
   ``dataReceived`` call.
 
+pyOpenSSL's public ``send`` and ``recv`` take or return one record per call,
+each through a Python wrapper (argument checks, error translation, and for
+``recv`` a fresh buffer copied into a fresh ``bytes``).  :func:`encrypt` and
+:func:`decrypt` instead loop over ``SSL_write`` / ``SSL_read`` through
+pyOpenSSL's own cffi binding: one buffer for a whole write or a whole TCP
+read, errors translated by pyOpenSSL as before, and about 0.15 CPU-s/GiB less
+per side.  That binding is private to pyOpenSSL, so it is looked up once and,
+if a future pyOpenSSL lacks it, the public calls are used instead (the same
+bytes and errors, only slower).
+
 :class:`BulkTLSFactory` builds those protocols.  Servers get them through
 :class:`TLSListeningReactor` (handed to ``serverFromString`` for ``ssl:``
 endpoints, so Twisted still parses the endpoint and loads the certificate);
@@ -35,8 +45,10 @@ wrap their TCP endpoint with :func:`connect_tls`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+import OpenSSL.SSL
 from OpenSSL.SSL import Connection, Context, Error, WantReadError, ZeroReturnError
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
@@ -75,6 +87,107 @@ _RECORD_OVERHEAD = 32
 _SMALL_READ = 32 * 1024
 
 
+def _encrypt_public(
+    connection: Connection, data: bytes | memoryview
+) -> tuple[int, Error | None]:
+    view = memoryview(data)
+    sent = 0
+    try:
+        while sent < len(view):
+            # One record per call (pyOpenSSL enables partial writes).
+            sent += connection.send(view[sent:])
+    except Error as error:
+        return sent, error
+    return sent, None
+
+
+def _decrypt_public(connection: Connection, limit: int) -> tuple[bytes, Error | None]:
+    pieces = []
+    size = 0
+    try:
+        while size < limit:
+            piece = connection.recv(min(_RECORD, limit - size))
+            pieces.append(piece)
+            size += len(piece)
+    except Error as error:
+        return b"".join(pieces), error
+    return b"".join(pieces), None
+
+
+def _records_through_binding() -> (
+    tuple[
+        Callable[[Connection, bytes | memoryview], tuple[int, Error | None]],
+        Callable[[Connection, int], tuple[bytes, Error | None]],
+    ]
+    | None
+):
+    """:func:`encrypt` and :func:`decrypt` through pyOpenSSL's cffi binding, if any."""
+    ffi = getattr(OpenSSL.SSL, "_ffi", None)
+    lib = getattr(OpenSSL.SSL, "_lib", None)
+    if not (
+        hasattr(ffi, "from_buffer")
+        and hasattr(ffi, "new_allocator")
+        and hasattr(lib, "SSL_write")
+        and hasattr(lib, "SSL_read")
+        and hasattr(Connection, "_raise_ssl_error")
+    ):
+        return None
+    assert ffi is not None and lib is not None
+    ssl_write = lib.SSL_write
+    ssl_read = lib.SSL_read
+    # OpenSSL writes every byte that is read back: no need to zero it first.
+    allocate = ffi.new_allocator(should_clear_after_alloc=False)
+
+    def failure(connection: Connection, ssl: Any, result: int) -> Error:
+        """The exception pyOpenSSL raises for ``result`` (WantReadError ...)."""
+        try:
+            connection._raise_ssl_error(ssl, result)
+        except Error as error:
+            return error
+        # "No error" with nothing moved: nothing more can be done now.
+        return WantReadError()
+
+    def encrypt(
+        connection: Connection, data: bytes | memoryview
+    ) -> tuple[int, Error | None]:
+        ssl = connection._ssl
+        size = len(data)
+        sent = 0
+        with ffi.from_buffer(data) as pointer:
+            while sent < size:
+                result = ssl_write(ssl, pointer + sent, size - sent)
+                if result <= 0:
+                    return sent, failure(connection, ssl, result)
+                sent += result
+        return sent, None
+
+    def decrypt(connection: Connection, limit: int) -> tuple[bytes, Error | None]:
+        ssl = connection._ssl
+        buffer = allocate("char[]", limit)
+        filled = 0
+        error = None
+        while filled < limit:
+            result = ssl_read(ssl, buffer + filled, limit - filled)
+            if result <= 0:
+                error = failure(connection, ssl, result)
+                break
+            filled += result
+        return ffi.buffer(buffer, filled)[:], error
+
+    return encrypt, decrypt
+
+
+_FAST_RECORDS = _records_through_binding()
+
+#: ``encrypt(connection, data)``: hand ``data`` to OpenSSL record after
+#: record; returns how many bytes it took and the error (``WantReadError``
+#: included) that stopped it, if any.
+#: ``decrypt(connection, limit)``: up to ``limit`` bytes of plaintext and the
+#: error that stopped the reading (``WantReadError`` when the BIO ran dry),
+#: or ``None`` when ``limit`` was reached first.
+encrypt, decrypt = _FAST_RECORDS or (_encrypt_public, _decrypt_public)
+
+
 class BulkTLSProtocol(BufferingTLSTransport):
     """A TLS transport that moves whole writes and reads through pyOpenSSL at once.
 
@@ -90,36 +203,38 @@ class BulkTLSProtocol(BufferingTLSTransport):
         _connectWrapped: bool = True,
     ) -> None:
         super().__init__(factory, wrappedProtocol, _connectWrapped)
+        #: Ciphertext bytes just handed to OpenSSL by ``dataReceived``.
+        self._incoming = 0
         # The base class routes every write through its aggregator the same
         # way (an instance attribute), and resets it on connectionLost.
         self.write = self._write_bulk  # type: ignore[method-assign]
 
-    def _write_bulk(self, data: bytes) -> None:
+    #: ``write`` is done with its argument when it returns: it encrypts at
+    #: once and copies whatever it must keep (small writes, writes waiting
+    #: for the handshake), so a producer may refill the same buffer.  Read
+    #: with :func:`netlab.framing.writes_consumed_at_once`.
+    consumes_writes = True
+
+    def _write_bulk(self, data: bytes | memoryview) -> None:
         if len(data) < BULK_WRITE:
-            self._aggregator.write(data)
+            self._aggregator.write(bytes(data))
             return
         self._aggregator.flush()
         TLSMemoryBIOProtocol.write(self, data)
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes | memoryview) -> None:
         if self._lostTLSConnection:
             return
-        view = memoryview(data)
-        sent = 0
-        while sent < len(view):
-            try:
-                # One record per call (pyOpenSSL enables partial writes).
-                sent += self._tlsConnection.send(view[sent:])
-            except WantReadError:
-                self._flushSendBIO(sent)
-                self._bufferedWrite(data[sent:])
-                return
-            except Error:
-                # As in the base class: shutting down flushes what was
-                # encrypted, and the error reaches connectionLost.
-                self._tlsShutdownFinished(Failure())
-                return
-        self._flushSendBIO(sent)
+        sent, error = encrypt(self._tlsConnection, data)
+        if isinstance(error, WantReadError):
+            self._flushSendBIO(sent)
+            self._bufferedWrite(bytes(data[sent:]))
+        elif error is not None:
+            # As in the base class: shutting down flushes what was
+            # encrypted, and the error reaches connectionLost.
+            self._tlsShutdownFinished(Failure(error))
+        else:
+            self._flushSendBIO(sent)
 
     def _flushSendBIO(self, plaintext: int = 0) -> None:
         """Write all the ciphertext waiting in the send BIO as one object.
@@ -142,33 +257,30 @@ class BulkTLSProtocol(BufferingTLSTransport):
             assert self.transport is not None
             self.transport.write(pieces[0] if len(pieces) == 1 else b"".join(pieces))
 
+    def dataReceived(self, data: bytes) -> None:
+        # At most this much plaintext can come out of it: one buffer for all.
+        self._incoming = len(data)
+        super().dataReceived(data)
+
     def _flushReceiveBIO(self) -> None:
-        pieces: list[bytes] = []
+        limit = max(self._incoming, _RECORD)
+        self._incoming = 0
         while not self._lostTLSConnection:
-            try:
-                pieces.append(self._tlsConnection.recv(_RECORD))
-            except WantReadError:
+            data, error = decrypt(self._tlsConnection, limit)
+            if data and not self._aborted:
+                ProtocolWrapper.dataReceived(self, data)
+            if error is None:
+                continue  # The buffer filled up: there may be more.
+            if isinstance(error, WantReadError):
                 break
-            except ZeroReturnError:
-                # The peer closed TLS: what came before the close is delivered first.
-                self._deliver(pieces)
+            if isinstance(error, ZeroReturnError):
+                # The peer closed TLS, after what was just delivered.
                 self._shutdownTLS()
                 self._tlsShutdownFinished(None)
-            except Error:
-                self._deliver(pieces)
-                self._tlsShutdownFinished(Failure())
-        self._deliver(pieces)
+            else:
+                self._tlsShutdownFinished(Failure(error))
         # The bytes received may call for an answer (handshake, key update).
         self._flushSendBIO()
-
-    def _deliver(self, pieces: list[bytes]) -> None:
-        """Hand the decrypted ``pieces`` to the application at once; clear them."""
-        if not pieces or self._aborted:
-            pieces.clear()
-            return
-        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-        pieces.clear()
-        ProtocolWrapper.dataReceived(self, data)
 
 
 class BulkTLSFactory(TLSMemoryBIOFactory):

@@ -213,16 +213,25 @@ class TLSTests(EndToEndTestCase):
         )
 
     def test_put_get_over_tls(self) -> None:
-        """put and get work and verify over TLS."""
+        """put and get work and verify over TLS: gets of a file the server
+        hashes as it sends (frames copied for the hashing thread) and of one
+        whose digest it knows (frames encrypted straight from its buffer)."""
         source = self.directory / "s.bin"
-        data = os.urandom(1_500_000)
+        data = os.urandom(2_500_000)
         source.write_bytes(data)
         result = self.netlab("put", str(source), "s.bin")
         self.assertEqual(result.returncode, 0, result.stderr)
-        target = self.directory / "t.bin"
-        result = self.netlab("get", "s.bin", str(target))
-        self.assertEqual(result.returncode, 0, result.stderr)
-        self.assertEqual(target.read_bytes(), data)
+        (self.setup.root / "unhashed.bin").write_bytes(data[::-1])
+        for remote, expected in (
+            ("s.bin", data),
+            ("unhashed.bin", data[::-1]),
+            ("unhashed.bin", data[::-1]),
+        ):
+            target = self.directory / "t.bin"
+            target.unlink(missing_ok=True)
+            result = self.netlab("get", remote, str(target))
+            self.assertEqual(result.returncode, 0, result.stderr)
+            self.assertEqual(target.read_bytes(), expected)
 
 
 class QuotaTests(EndToEndTestCase):

@@ -18,6 +18,7 @@ from netlab.framing import (
     encode_data_frame,
     encode_frame,
     frame_header,
+    writes_consumed_at_once,
 )
 
 
@@ -122,6 +123,23 @@ class FrameReceiverTests(TestCase):
 
 class WriterTests(TestCase):
     """Frames written by the helpers are what the receiver expects."""
+
+    def test_reused_data_frame_buffer(self) -> None:
+        """With reuse, each frame is a view of the one buffer: the same bytes
+        as a copied frame, overwritten by the next fill."""
+        source = io.BytesIO(b"0123456789")
+        buffer = DataFrameBuffer(4, reuse=True)
+        frame, size = buffer.fill(source.readinto)
+        self.assertIsInstance(frame, memoryview)
+        self.assertEqual((bytes(frame), size), (encode_data_frame(b"0123"), 4))
+        second, _ = buffer.fill(source.readinto)
+        self.assertEqual(bytes(frame), encode_data_frame(b"4567"))
+        self.assertEqual(bytes(second), encode_data_frame(b"4567"))
+
+    def test_plain_transports_keep_what_they_are_given(self) -> None:
+        """A TCP-like transport may keep a written object: frames are copies."""
+        self.assertFalse(writes_consumed_at_once(StringTransport()))
+        self.assertFalse(writes_consumed_at_once(None))
 
     def test_data_frame_buffer(self) -> None:
         """A reused buffer yields consecutive data frames, then EOF."""

@@ -21,6 +21,8 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
+import netlab.tls
+from netlab.framing import writes_consumed_at_once
 from netlab.tls import (
     BULK_WRITE,
     BulkTLSFactory,
@@ -83,45 +85,68 @@ class InMemoryTests(TestCase):
 
     def setUp(self) -> None:
         directory = temporary_directory(self)
-        server_options, client_options, _ = _credentials(directory)
+        server_options, self.client_options, _ = _credentials(directory)
+        self.server_connections = server_connection_creator(server_options)
         self.clock = MemoryReactorClock()
-        self.server_app = Recorder()
-        self.client_app = Recorder()
-        server_factory = BulkTLSFactory(
-            server_connection_creator(server_options),
-            False,
-            Factory.forProtocol(lambda: self.server_app),
-            clock=self.clock,
-        )
-        client_factory = BulkTLSFactory(
-            client_options,
-            True,
-            Factory.forProtocol(lambda: self.client_app),
-            clock=self.clock,
-        )
-        self.server = server_factory.buildProtocol(None)
-        self.client = client_factory.buildProtocol(None)
-        self.server_wire = CountingTransport()
-        self.client_wire = CountingTransport()
-        self.server.makeConnection(self.server_wire)
-        self.client.makeConnection(self.client_wire)
+        self.server, self.client, self.server_app, self.client_app = self.connect_pair()
         self.pump()
         self.assertTrue(self.client._handshakeDone and self.server._handshakeDone)
 
-    def pump(self) -> None:
+    def connect_pair(self) -> tuple[Any, Any, Recorder, Recorder]:
+        """A new server and client, connected to their wires, before any pump."""
+        server_app = Recorder()
+        client_app = Recorder()
+        server_factory = BulkTLSFactory(
+            self.server_connections,
+            False,
+            Factory.forProtocol(lambda: server_app),
+            clock=self.clock,
+        )
+        client_factory = BulkTLSFactory(
+            self.client_options,
+            True,
+            Factory.forProtocol(lambda: client_app),
+            clock=self.clock,
+        )
+        server = server_factory.buildProtocol(None)
+        client = client_factory.buildProtocol(None)
+        server.makeConnection(CountingTransport())
+        client.makeConnection(CountingTransport())
+        return server, client, server_app, client_app
+
+    @property
+    def server_wire(self) -> CountingTransport:
+        wire: CountingTransport = self.server.transport
+        return wire
+
+    @property
+    def client_wire(self) -> CountingTransport:
+        wire: CountingTransport = self.client.transport
+        return wire
+
+    def pump(self, server: Any = None, client: Any = None) -> None:
         """Deliver what each side wrote to the other until both are quiet."""
+        server = server or self.server
+        client = client or self.client
         while True:
             self.clock.advance(0)  # flush Twisted's small-write aggregator
-            to_server = self.client_wire.value()
-            to_client = self.server_wire.value()
+            to_server = client.transport.value()
+            to_client = server.transport.value()
             if not (to_server or to_client):
                 return
-            self.client_wire.clear()
-            self.server_wire.clear()
+            client.transport.clear()
+            server.transport.clear()
             if to_server:
-                self.server.dataReceived(to_server)
+                server.dataReceived(to_server)
             if to_client:
-                self.client.dataReceived(to_client)
+                client.dataReceived(to_client)
+
+    def test_fast_record_calls_in_use(self) -> None:
+        """With the pyOpenSSL this project installs, records move through its
+        cffi binding; if an upgrade removes it, this says so (the public
+        calls still work: PublicRecordCallsTests)."""
+        self.assertIsNotNone(netlab.tls._FAST_RECORDS)
+        self.assertIsNot(netlab.tls.encrypt, netlab.tls._encrypt_public)
 
     def test_protocol_classes(self) -> None:
         """Both ends are BulkTLSProtocol and agree on TLS 1.3 with AES-128-GCM."""
@@ -170,6 +195,30 @@ class InMemoryTests(TestCase):
         self.assertEqual(self.client_app.received, payload)
         self.assertTrue(self.client._lostTLSConnection)
 
+    def test_written_views_may_be_reused(self) -> None:
+        """write() is done with its argument when it returns: a producer may
+        refill the same buffer at once, for small (aggregated) and bulk writes."""
+        self.assertTrue(writes_consumed_at_once(self.server))
+        buffer = bytearray(os.urandom(BULK_WRITE * 2))
+        expected = b""
+        for size in (100, BULK_WRITE * 2, 5_000):
+            self.server.write(memoryview(buffer)[:size])
+            expected += bytes(buffer[:size])
+            buffer[:] = os.urandom(len(buffer))
+        self.pump()
+        self.assertEqual(self.client_app.received, expected)
+
+    def test_view_written_before_the_handshake_is_copied(self) -> None:
+        """A write that must wait for the handshake keeps a copy, not the view."""
+        server, client, server_app, _ = self.connect_pair()
+        buffer = bytearray(os.urandom(BULK_WRITE))
+        expected = bytes(buffer)
+        client.write(memoryview(buffer))
+        buffer[:] = bytes(len(buffer))
+        self.pump(server, client)
+        self.assertTrue(client._handshakeDone)
+        self.assertEqual(server_app.received, expected)
+
     def test_corrupted_record_fails_the_connection(self) -> None:
         """A tampered record is a TLS error: nothing of it is delivered."""
         self.server.write(b"x" * 50_000)
@@ -181,6 +230,20 @@ class InMemoryTests(TestCase):
         self.assertTrue(self.client._lostTLSConnection)
         self.assertTrue(self.client_wire.disconnecting)
         self.assertLess(len(self.client_app.received), 50_000)
+
+
+class PublicRecordCallsTests(InMemoryTests):
+    """The same, through pyOpenSSL's public send/recv (the fallback when its
+    cffi binding is not there)."""
+
+    def setUp(self) -> None:
+        self.patch(netlab.tls, "encrypt", netlab.tls._encrypt_public)
+        self.patch(netlab.tls, "decrypt", netlab.tls._decrypt_public)
+        super().setUp()
+
+    def test_fast_record_calls_in_use(self) -> None:
+        """The public calls are the ones in use here."""
+        self.assertIs(netlab.tls.encrypt, netlab.tls._encrypt_public)
 
 
 class LoopbackTests(TestCase):
