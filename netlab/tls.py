@@ -87,6 +87,11 @@ _RECORD_OVERHEAD = 32
 _SMALL_READ = 32 * 1024
 
 
+#: What :func:`encrypt` and :func:`decrypt` return when OpenSSL needs more
+#: bytes from the peer (never raised, so it never holds a traceback).
+_WANT_READ = WantReadError()
+
+
 def _encrypt_public(
     connection: Connection, data: bytes | memoryview
 ) -> tuple[int, Error | None]:
@@ -97,7 +102,7 @@ def _encrypt_public(
             # One record per call (pyOpenSSL enables partial writes).
             sent += connection.send(view[sent:])
     except Error as error:
-        return sent, error
+        return sent, error.with_traceback(None)
     return sent, None
 
 
@@ -110,7 +115,7 @@ def _decrypt_public(connection: Connection, limit: int) -> tuple[bytes, Error | 
             pieces.append(piece)
             size += len(piece)
     except Error as error:
-        return b"".join(pieces), error
+        return b"".join(pieces), error.with_traceback(None)
     return b"".join(pieces), None
 
 
@@ -138,14 +143,25 @@ def _records_through_binding() -> (
     # OpenSSL writes every byte that is read back: no need to zero it first.
     allocate = ffi.new_allocator(should_clear_after_alloc=False)
 
+    get_error = lib.SSL_get_error
+    want_read = lib.SSL_ERROR_WANT_READ
+
     def failure(connection: Connection, ssl: Any, result: int) -> Error:
-        """The exception pyOpenSSL raises for ``result`` (WantReadError ...)."""
+        """The exception pyOpenSSL raises for ``result``, without a traceback.
+
+        The common case, an empty BIO, costs no exception at all.  A returned
+        exception must not keep its traceback: the frames in it refer back to
+        it, and the cycle would hold each read's buffer until the collector
+        ran.
+        """
+        if get_error(ssl, result) == want_read:
+            return _WANT_READ
         try:
             connection._raise_ssl_error(ssl, result)
         except Error as error:
-            return error
+            return error.with_traceback(None)
         # "No error" with nothing moved: nothing more can be done now.
-        return WantReadError()
+        return _WANT_READ
 
     def encrypt(
         connection: Connection, data: bytes | memoryview
