@@ -31,14 +31,15 @@ from twisted.internet.threads import deferToThread
 
 from netlab.client import Session
 from netlab.errors import ConnectionFailed, IntegrityError, RemoteError, UsageError
-from netlab.filestore import ChunkWorker, widen_reads
+from netlab.filestore import ChunkWorker, widen_transport
 from netlab.session import Control, Data
 from netlab.terminal import escape_name
 
 #: Bytes of file data per frame the client sends (capped by the server's limit).
 CHUNK_SIZE = 1024 * 1024
-#: Bytes the client reads from the socket per call while downloading.
-READ_SIZE = 1024 * 1024
+#: Bytes the client reads from the socket per call while downloading, and
+#: sends per call while uploading.
+SOCKET_BUFFER = 1024 * 1024
 #: Received data queued for the client's worker thread before reading pauses.
 WORKER_HIGH_WATER = 8 * 1024 * 1024
 #: Bytes per read while hashing a file before a put, and how many such
@@ -190,7 +191,7 @@ async def download(
         start = await session.request("get", path=remote, offset=0)
     _expect(start, "get-start")
     size = int(start.get("size", -1))
-    widen_reads(session.transport, READ_SIZE)
+    widen_transport(session.transport, SOCKET_BUFFER)
     descriptor = os.open(part, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         os.ftruncate(descriptor, offset)
@@ -377,6 +378,7 @@ async def upload(
 
         answer = session.receive()
         answer.addBoth(answered)
+        widen_transport(session.transport, SOCKET_BUFFER)
         producer = _FileProducer(session, descriptor, (offset, size), advance, settle)
         session.register_producer(producer, True)
         producer.resumeProducing()

@@ -46,7 +46,7 @@ from netlab.filestore import (
     StorePolicy,
     TransferRefused,
     Upload,
-    widen_reads,
+    widen_transport,
 )
 from netlab.framing import (
     DATA_TYPE,
@@ -72,10 +72,11 @@ _DATA_OFFSET = HEADER_SIZE + len(DATA_TYPE)
 #: Bytes a get or put may have queued for its worker thread before the
 #: network side is paused.
 WORKER_HIGH_WATER = 2 * 1024 * 1024
-#: Bytes read per call during a put, and queued by a get before its producer
-#: pauses: larger than Twisted's 64 KiB for fewer reactor turns, small enough
+#: Bytes read per call during a put, and sent per call and queued before the
+#: producer pauses during a get: larger than Twisted's 64 KiB reads and
+#: 128 KiB sends for fewer reactor turns (one per 1 MiB frame), small enough
 #: to keep the daemon's memory flat with many transfers.
-SOCKET_BUFFER = 256 * 1024
+SOCKET_BUFFER = 1024 * 1024
 
 
 def store_policy(config: NetlabConfig) -> StorePolicy:
@@ -192,7 +193,7 @@ class FileApplication:
         self.store = service.store
         self.upload: Upload | None = None
         self.producer: DownloadProducer | None = None
-        widen_reads(session.protocol.transport, SOCKET_BUFFER)
+        widen_transport(session.protocol.transport, SOCKET_BUFFER)
         #: After a failed put, the client's data frames still in flight and
         #: its put-end are dropped until it starts another operation.
         self.discarding = False

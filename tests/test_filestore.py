@@ -25,7 +25,7 @@ from netlab.filestore import (
     Store,
     StorePolicy,
     Writer,
-    widen_reads,
+    widen_transport,
 )
 from tests.support import temporary_directory
 
@@ -401,15 +401,16 @@ class ChunkWorkerTests(TestCase):
         self.assertEqual(worker.digests()[0], hashlib.sha256(b"".join(chunks)).digest())
 
 
-class WidenReadsTests(TestCase):
-    """widen_reads changes how much the TCP transport reads per call."""
+class WidenTransportTests(TestCase):
+    """widen_transport changes how much the TCP transport reads and sends per call."""
 
     def test_plain_tcp_transport(self) -> None:
-        """A plain TCP transport gets the new read size."""
+        """A plain TCP transport gets the new read size and send limit."""
         tcp = StringTransport()
         tcp.bufferSize = 65536  # type: ignore[attr-defined]
-        widen_reads(tcp, 1 << 20)
+        widen_transport(tcp, 1 << 20)
         self.assertEqual(tcp.bufferSize, 1 << 20)  # type: ignore[attr-defined]
+        self.assertEqual(tcp.SEND_LIMIT, 1 << 20)  # type: ignore[attr-defined]
 
     def test_reaches_the_tcp_transport_under_a_wrapper(self) -> None:
         """Under a wrapping transport (TLS) the TCP transport's read size changes,
@@ -418,6 +419,8 @@ class WidenReadsTests(TestCase):
         tcp.bufferSize = 65536  # type: ignore[attr-defined]
         wrapper = ProtocolWrapper(WrappingFactory(Factory()), Protocol())
         wrapper.makeConnection(tcp)
-        widen_reads(wrapper, 1 << 20)
+        widen_transport(wrapper, 1 << 20)
         self.assertEqual(tcp.bufferSize, 1 << 20)  # type: ignore[attr-defined]
+        self.assertEqual(tcp.SEND_LIMIT, 1 << 20)  # type: ignore[attr-defined]
         self.assertNotIn("bufferSize", vars(wrapper))
+        self.assertNotIn("SEND_LIMIT", vars(wrapper))
