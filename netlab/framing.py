@@ -84,26 +84,31 @@ class FrameReceiver(Int32StringReceiver):
     #: The largest payload accepted from the peer.
     MAX_LENGTH: int = 0
 
+    #: ``dataReceived`` takes any bytes-like object, not only ``bytes``, and
+    #: keeps a read only until its frames are delivered as ``bytes``; the
+    #: TLS transport (:mod:`netlab.tls`) then skips a copy per read.
+    accepts_views = True
+
     # A TCP or TLS transport once connected (ITCPTransport, IProducer, abort).
     transport: Any
 
     #: The largest payload the peer accepts; :meth:`sendString` refuses more.
     peer_max_length: int = LARGEST_FRAME
 
-    _chunks: deque[bytes]
+    _chunks: deque[bytes | memoryview]
     _buffered: int = 0
     _head_offset: int = 0
     _expected: int | None = None
     _refused: bool = False
 
-    def _ensure_queue(self) -> deque[bytes]:
+    def _ensure_queue(self) -> deque[bytes | memoryview]:
         try:
             return self._chunks
         except AttributeError:
             self._chunks = deque()
             return self._chunks
 
-    def dataReceived(self, data: bytes) -> None:
+    def dataReceived(self, data: bytes | memoryview) -> None:
         """Queue ``data`` and deliver every complete frame."""
         if self._refused:
             return
@@ -139,11 +144,11 @@ class FrameReceiver(Int32StringReceiver):
         available = len(head) - start
         if available > size:
             self._head_offset = start + size
-            return head[start : start + size]
+            return bytes(head[start : start + size])
         if available == size:
             chunks.popleft()
             self._head_offset = 0
-            return head if start == 0 else head[start:]
+            return bytes(head if start == 0 else head[start:])
         pieces = [memoryview(head)[start:]]
         chunks.popleft()
         needed = size - available

@@ -106,7 +106,9 @@ def _encrypt_public(
     return sent, None
 
 
-def _decrypt_public(connection: Connection, limit: int) -> tuple[bytes, Error | None]:
+def _decrypt_public(
+    connection: Connection, limit: int
+) -> tuple[bytes | memoryview, Error | None]:
     pieces = []
     size = 0
     try:
@@ -122,7 +124,7 @@ def _decrypt_public(connection: Connection, limit: int) -> tuple[bytes, Error | 
 def _records_through_binding() -> (
     tuple[
         Callable[[Connection, bytes | memoryview], tuple[int, Error | None]],
-        Callable[[Connection, int], tuple[bytes, Error | None]],
+        Callable[[Connection, int], tuple[bytes | memoryview, Error | None]],
     ]
     | None
 ):
@@ -177,7 +179,9 @@ def _records_through_binding() -> (
                 sent += result
         return sent, None
 
-    def decrypt(connection: Connection, limit: int) -> tuple[bytes, Error | None]:
+    def decrypt(
+        connection: Connection, limit: int
+    ) -> tuple[bytes | memoryview, Error | None]:
         ssl = connection._ssl
         buffer = allocate("char[]", limit)
         filled = 0
@@ -188,7 +192,10 @@ def _records_through_binding() -> (
                 error = failure(connection, ssl, result)
                 break
             filled += result
-        return ffi.buffer(buffer, filled)[:], error
+        if filled * 2 < limit:
+            # Mostly empty: a small copy lets the large buffer go at once.
+            return ffi.buffer(buffer, filled)[:], error
+        return memoryview(ffi.buffer(buffer, filled)), error
 
     return encrypt, decrypt
 
@@ -198,7 +205,8 @@ _FAST_RECORDS = _records_through_binding()
 #: ``encrypt(connection, data)``: hand ``data`` to OpenSSL record after
 #: record; returns how many bytes it took and the error (``WantReadError``
 #: included) that stopped it, if any.
-#: ``decrypt(connection, limit)``: up to ``limit`` bytes of plaintext and the
+#: ``decrypt(connection, limit)``: up to ``limit`` bytes of plaintext (bytes,
+#: or a view of a buffer of its own when that saves a copy) and the
 #: error that stopped the reading (``WantReadError`` when the BIO ran dry),
 #: or ``None`` when ``limit`` was reached first.
 encrypt, decrypt = _FAST_RECORDS or (_encrypt_public, _decrypt_public)
@@ -221,6 +229,10 @@ class BulkTLSProtocol(BufferingTLSTransport):
         super().__init__(factory, wrappedProtocol, _connectWrapped)
         #: Ciphertext bytes just handed to OpenSSL by ``dataReceived``.
         self._incoming = 0
+        #: Whether the application takes any bytes-like object in
+        #: ``dataReceived`` (see :attr:`netlab.framing.FrameReceiver.accepts_views`):
+        #: then it gets views of the decryption buffer, one copy less.
+        self._deliver_views = bool(getattr(wrappedProtocol, "accepts_views", False))
         # The base class routes every write through its aggregator the same
         # way (an instance attribute), and resets it on connectionLost.
         self.write = self._write_bulk  # type: ignore[method-assign]
@@ -284,7 +296,9 @@ class BulkTLSProtocol(BufferingTLSTransport):
         while not self._lostTLSConnection:
             data, error = decrypt(self._tlsConnection, limit)
             if data and not self._aborted:
-                ProtocolWrapper.dataReceived(self, data)
+                ProtocolWrapper.dataReceived(
+                    self, data if self._deliver_views else bytes(data)
+                )
             if error is None:
                 continue  # The buffer filled up: there may be more.
             if isinstance(error, WantReadError):

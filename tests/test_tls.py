@@ -55,6 +55,16 @@ class Recorder(Protocol):
         self.lost.callback([reason])
 
 
+class ViewRecorder(Recorder):
+    """A Recorder that says it takes any bytes-like object."""
+
+    accepts_views = True
+
+    @property
+    def received(self) -> bytes:
+        return b"".join(bytes(call) for call in self.calls)
+
+
 class CountingTransport(StringTransport):
     """A StringTransport that counts its ``write`` calls."""
 
@@ -92,10 +102,12 @@ class InMemoryTests(TestCase):
         self.pump()
         self.assertTrue(self.client._handshakeDone and self.server._handshakeDone)
 
-    def connect_pair(self) -> tuple[Any, Any, Recorder, Recorder]:
+    def connect_pair(
+        self, application: type[Recorder] = Recorder
+    ) -> tuple[Any, Any, Recorder, Recorder]:
         """A new server and client, connected to their wires, before any pump."""
-        server_app = Recorder()
-        client_app = Recorder()
+        server_app = application()
+        client_app = application()
         server_factory = BulkTLSFactory(
             self.server_connections,
             False,
@@ -174,6 +186,29 @@ class InMemoryTests(TestCase):
         self.server_wire.clear()
         self.client.dataReceived(ciphertext)
         self.assertEqual(self.client_app.calls, [payload])
+
+    def test_views_only_for_applications_that_take_them(self) -> None:
+        """A plain Protocol gets bytes; one that declares ``accepts_views``
+        (netlab's FrameReceiver) gets a large read as a view of the
+        decryption buffer, with the same content."""
+        payload = os.urandom(256 * 1024)
+        self.server.write(payload)
+        ciphertext = self.server_wire.value()
+        self.server_wire.clear()
+        self.client.dataReceived(ciphertext)
+        self.assertIs(type(self.client_app.calls[0]), bytes)
+
+        server, client, _, client_app = self.connect_pair(ViewRecorder)
+        self.pump(server, client)
+        server.write(payload)
+        ciphertext = server.transport.value()
+        server.transport.clear()
+        client.dataReceived(ciphertext)
+        self.assertEqual(client_app.received, payload)
+        if netlab.tls._FAST_RECORDS is not None and netlab.tls.decrypt is not (
+            netlab.tls._decrypt_public
+        ):
+            self.assertIsInstance(client_app.calls[0], memoryview)
 
     def test_small_and_large_writes_keep_their_order(self) -> None:
         """Small writes held by the aggregator go out before a later bulk write."""
