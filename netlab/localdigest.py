@@ -122,7 +122,7 @@ class HashedFile:
         descriptor = os.open(path, flags)
         try:
             mode = os.fstat(descriptor).st_mode
-            os.set_blocking(descriptor, True)
+            os.set_blocking(descriptor, True)  # O_NONBLOCK was for the open only.
             if stat.S_ISREG(mode):
                 return cls(descriptor)
         except BaseException:
@@ -166,13 +166,13 @@ def start_put_hash(args: argparse.Namespace) -> None:
 
     Stores a :class:`HashedFile` as ``args.hashed_file`` for a single-file
     put (``-r`` hashes each file when its turn comes).  Any problem with
-    LOCAL (missing, a directory, unreadable, not a regular file) leaves
-    ``args.hashed_file`` unset: the put command then meets the problem where
-    it always has and reports it the same way.
+    LOCAL (missing, a directory, unreadable, not a regular file, a name the
+    system refuses) leaves ``args.hashed_file`` None: the put command then
+    meets the problem where it always has and reports it the same way.
     """
     if args.recursive:
         return
     try:
         args.hashed_file = HashedFile.open(args.local, wait_for_writer=False)
-    except (OSError, UsageError):
+    except (OSError, ValueError, UsageError):
         return

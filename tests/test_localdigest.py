@@ -182,8 +182,9 @@ class StartPutHashTests(TestCase):
         )
 
     def test_problems_are_left_to_the_put_command(self) -> None:
-        """-r, a missing LOCAL, a directory, a FIFO or a socket: nothing is
-        opened, nothing raised; the put command reports them as it always has."""
+        """-r, a missing LOCAL, a directory, a FIFO, a socket or a name with a
+        NUL: nothing is opened, nothing raised; the put command reports them
+        as it always has."""
         directory = temporary_directory(self)
         (directory / "f").write_bytes(b"content")
         os.mkfifo(directory / "fifo")
@@ -197,6 +198,7 @@ class StartPutHashTests(TestCase):
             (directory, False),
             (directory / "fifo", False),
             (directory / "socket", False),
+            (directory / "nul\0in-name", False),
         ):
             self.assertIsNone(self.prepare(local, recursive), local)
         self.assertEqual(open_descriptors(), before)
