@@ -1,8 +1,12 @@
 """The ``netlab`` command: one client for every netlab service.
 
-Subcommands live with their services; each module in :data:`COMMAND_MODULES`
-has ``register(subparsers)`` that adds its parsers and sets ``handler`` to an
-``async def handler(context: Context) -> int | None``.  Errors derived from
+The command line of every subcommand is declared in :mod:`netlab.commands`,
+which imports nothing heavy, so parsing (and ``--help``, ``--version``, usage
+errors) costs almost nothing.  After parsing, :func:`main` calls the
+command's ``prepare`` hook, if it has one (``put`` starts hashing its file);
+:func:`run` then loads the configuration, imports the command's ``handler``
+(an ``async def handler(context: Context) -> int | None``, in its own module
+with Twisted and the rest) and runs it on the reactor.  Errors derived from
 :class:`~netlab.errors.NetlabError` become one line on stderr and the exit
 status of their class (docs/cli.rst lists them); ``-v`` adds the traceback.
 """
@@ -10,34 +14,28 @@ status of their class (docs/cli.rst lists them); ``-v`` adds the traceback.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 import traceback
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, NoReturn
-
-import attrs
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn
 
 from netlab import __version__
-from netlab.config import NetlabConfig, client_config_path, load
+from netlab.commands import add_commands, resolve
 from netlab.errors import ExitCode, NetlabError
 from netlab.memory import keep_freed_memory
 from netlab.terminal import escape_name
 
-#: Modules that add subcommands, in the order ``--help`` lists them.
-COMMAND_MODULES: list[str] = [
-    "netlab.configcli",
-    "netlab.keygen",
-    "netlab.filecli",
-    "netlab.timecli",
-    "netlab.chat.cli",
-]
+if TYPE_CHECKING:
+    from netlab.config import NetlabConfig
 
 
-@attrs.frozen
-class Context:
-    """What a subcommand handler is given."""
+class Context(NamedTuple):
+    """What a subcommand handler is given.
+
+    (A named tuple, not an attrs class: this module is imported before the
+    command line is parsed, and must stay quick to import.)
+    """
 
     reactor: Any
     args: argparse.Namespace
@@ -98,9 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-v", "--verbose", action="count", default=0, help="more detail on errors"
     )
-    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
-    for module_name in COMMAND_MODULES:
-        importlib.import_module(module_name).register(subparsers)
+    add_commands(parser.add_subparsers(title="commands", metavar="COMMAND"))
     return parser
 
 
@@ -109,10 +105,13 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     keep_freed_memory()
     parser = build_parser()
     args = parser.parse_args(argv)
-    handler: Handler | None = getattr(args, "handler", None)
+    handler: str | None = getattr(args, "handler", None)
     if handler is None:
         parser.print_help(sys.stderr)
         raise SystemExit(ExitCode.USAGE)
+    prepare: str | None = getattr(args, "prepare", None)
+    if prepare is not None:
+        resolve(prepare)(args)
     raise SystemExit(run(handler, args))
 
 
@@ -130,12 +129,17 @@ def report(error: BaseException, verbose: int) -> int:
     return int(ExitCode.FAILURE)
 
 
-def run(handler: Handler, args: argparse.Namespace) -> int:
-    """Load the configuration, run ``handler`` on the reactor, return the exit code."""
+def run(handler_name: str, args: argparse.Namespace) -> int:
+    """Load the configuration, then run the handler ``handler_name`` names
+    (``"module:function"``) on the reactor; return the exit code."""
+    from netlab.config import client_config_path, load
+
     try:
         config = load(client_config_path(args.config))
     except NetlabError as error:
         return report(error, args.verbose)
+
+    handler: Handler = resolve(handler_name)
 
     from twisted.internet import reactor
     from twisted.internet.defer import ensureDeferred

@@ -74,7 +74,6 @@ from netlab.session import (
     decode_frame,
     encode_control,
 )
-from netlab.tls import connect_tls
 
 #: The largest frame the client accepts (announced in its hello).
 CLIENT_MAX_FRAME = 16 * 1024 * 1024
@@ -546,11 +545,14 @@ async def _connect(
     options = tls_options(config, host) if tls else None
     factory = Factory.forProtocol(lambda: ClientProtocol(identity, host, tls))
     try:
-        protocol: ClientProtocol = await (
-            endpoint.connect(factory)
-            if options is None
-            else connect_tls(endpoint, options, factory, reactor)
-        )
+        if options is None:
+            connecting = endpoint.connect(factory)
+        else:
+            # Imported here: plain-TCP commands never need netlab.tls.
+            from netlab.tls import connect_tls
+
+            connecting = connect_tls(endpoint, options, factory, reactor)
+        protocol: ClientProtocol = await connecting
     except Exception as error:
         raise ConnectionFailed(
             f"cannot connect to the {service} service at {host}:{port}: {error}"

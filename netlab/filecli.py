@@ -3,21 +3,21 @@
 Transfers show a tqdm progress bar (rate and ETA) on stderr when it is a
 terminal, unless ``-q``.  Remote names are escaped before they are printed, so
 a hostile name cannot drive the terminal.  Exit statuses are those of
-docs/cli.rst; a transfer that fails verification exits 7.
+docs/cli.rst; a transfer that fails verification exits 7.  The command lines
+are declared in :mod:`netlab.commands`; a single-file ``put`` finds its file
+already open and hashing (:func:`netlab.localdigest.start_put_hash`).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 from netlab.cli import Context
-from netlab.client import Session, connect
+from netlab.client import Session
 from netlab.errors import RemoteError, UsageError
 from netlab.fileclient import (
     Progress,
@@ -30,71 +30,14 @@ from netlab.fileclient import (
     stat_remote,
     upload,
 )
+from netlab.localdigest import HashedFile
 from netlab.terminal import escape_name
-
-
-def register(subparsers: Any) -> None:
-    """Add the file commands to ``netlab``."""
-    ls = subparsers.add_parser("ls", help="list a remote directory")
-    ls.add_argument("-l", "--long", action="store_true", help="type, size and time")
-    ls.add_argument("path", nargs="?", default="", help="remote directory (root)")
-    ls.set_defaults(handler=ls_command)
-
-    stat = subparsers.add_parser("stat", help="show a remote file's details")
-    stat.add_argument("path", help="remote path")
-    stat.set_defaults(handler=stat_command)
-
-    get = subparsers.add_parser("get", help="download a file (or -r a directory)")
-    get.add_argument("remote", help="remote path")
-    get.add_argument("local", nargs="?", help="local path (default: the remote name)")
-    _transfer_options(get)
-    get.add_argument(
-        "--no-resume",
-        dest="resume",
-        action="store_false",
-        help="start over instead of resuming from LOCAL.part",
-    )
-    get.set_defaults(handler=get_command)
-
-    put = subparsers.add_parser("put", help="upload a file (or -r a directory)")
-    put.add_argument("local", help="local path")
-    put.add_argument("remote", nargs="?", help="remote path (default: the local name)")
-    _transfer_options(put)
-    put.set_defaults(handler=put_command)
-
-    rm = subparsers.add_parser("rm", help="remove a remote file or empty directory")
-    rm.add_argument("path", help="remote path")
-    rm.set_defaults(handler=rm_command)
-
-    mkdir = subparsers.add_parser("mkdir", help="create a remote directory")
-    mkdir.add_argument("path", help="remote path")
-    mkdir.set_defaults(handler=mkdir_command)
-
-
-def _transfer_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "-r", "--recursive", action="store_true", help="whole directories"
-    )
-    parser.add_argument("--force", action="store_true", help="overwrite existing files")
-    parser.add_argument(
-        "--resume",
-        action="store_true",
-        default=True,
-        help="resume a partial transfer (the default)",
-    )
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
 @contextlib.asynccontextmanager
 async def _connected(context: Context) -> AsyncIterator[Session]:
     """A session with the file service, closed however the block ends."""
-    session = await connect(
-        context.config,
-        "file",
-        reactor=context.reactor,
-        server=context.args.server,
-        user=context.args.user,
-    )
+    session: Session = await context.connect("file")
     try:
         yield session
     finally:
@@ -245,24 +188,36 @@ def _say(context: Context, text: str) -> None:
 
 async def put_command(context: Context) -> int:
     args = context.args
-    local = Path(args.local)
-    if not local.exists():
-        raise UsageError(f"{local} does not exist")
-    remote = args.remote if args.remote is not None else local.resolve().name
-    async with _connected(context) as session:
-        if args.recursive:
-            if not local.is_dir():
-                raise UsageError(f"{local} is not a directory")
-            await _put_tree(context, session, local, remote)
-        else:
-            if local.is_dir():
-                raise UsageError(f"{local} is a directory; use -r")
-            await _put_one(context, session, local, remote)
+    # A single-file put has had LOCAL open and hashing since its command
+    # line was parsed (netlab.localdigest.start_put_hash), unless opening it
+    # failed: the checks below then report why, as they would without it.
+    hashed: HashedFile | None = args.hashed_file
+    try:
+        local = Path(args.local)
+        if not local.exists():
+            raise UsageError(f"{local} does not exist")
+        remote = args.remote if args.remote is not None else local.resolve().name
+        async with _connected(context) as session:
+            if args.recursive:
+                if not local.is_dir():
+                    raise UsageError(f"{local} is not a directory")
+                await _put_tree(context, session, local, remote)
+            else:
+                if local.is_dir():
+                    raise UsageError(f"{local} is a directory; use -r")
+                await _put_one(context, session, local, remote, hashed)
+    finally:
+        if hashed is not None:
+            hashed.close()
     return 0
 
 
 async def _put_one(
-    context: Context, session: Session, local: Path, remote: str
+    context: Context,
+    session: Session,
+    local: Path,
+    remote: str,
+    hashed: HashedFile | None = None,
 ) -> None:
     await upload(
         session,
@@ -270,6 +225,8 @@ async def _put_one(
         remote,
         force=context.args.force,
         progress=_progress(context, escape_name(local.name)),
+        hashed=hashed,
+        reactor=context.reactor,
     )
 
 

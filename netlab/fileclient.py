@@ -9,18 +9,18 @@ Every function here is ``async`` and used by the ``netlab`` file commands
   SHA-256 against the whole local file, fsyncs, then renames the part file
   over ``LOCAL``.  A mismatch removes the part file and raises
   :class:`~netlab.errors.IntegrityError` (exit status 7).
-* :func:`upload` hashes the local file first (the server wants size and
-  SHA-256 up front), then streams from the offset the server already holds
-  with a push producer, so a slow server pauses the reading of the file.
+* :func:`upload` declares the local file's size and SHA-256 up front (the
+  server wants them before the data), computed by a
+  :class:`~netlab.localdigest.HashedFile` in a background thread, which the
+  caller may have started long before (``netlab put`` starts it right after
+  parsing its command line); then it streams from the offset the server
+  already holds with a push producer, so a slow server pauses the reading
+  of the file.  It sends the very descriptor that was hashed.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-import queue
-import stat
-import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from twisted.internet.threads import deferToThread
 from netlab.client import Session
 from netlab.errors import ConnectionFailed, IntegrityError, RemoteError, UsageError
 from netlab.filestore import ChunkWorker, widen_transport
+from netlab.localdigest import HashedFile, Outcome
 from netlab.session import Control, Data
 from netlab.terminal import escape_name
 
@@ -42,10 +43,6 @@ CHUNK_SIZE = 1024 * 1024
 SOCKET_BUFFER = 1024 * 1024
 #: Received data queued for the client's worker thread before reading pauses.
 WORKER_HIGH_WATER = 8 * 1024 * 1024
-#: Bytes per read while hashing a file before a put, and how many such
-#: buffers the read-ahead thread may fill before the hashing catches up.
-HASH_BLOCK = 1024 * 1024
-HASH_BUFFERS = 4
 
 Progress = Callable[[int], None]
 
@@ -116,53 +113,6 @@ async def remove(session: Session, path: str) -> None:
 def part_path(local: Path) -> Path:
     """Where a download is written until it is verified."""
     return local.with_name(local.name + ".part")
-
-
-def hash_file(descriptor: int) -> tuple[int, str]:
-    """(thread) The size and SHA-256 (hex) of an open file, read from offset 0.
-
-    A second thread reads the next blocks into a few reused buffers while
-    this one hashes, so reading (a memory copy from the page cache, ~0.2
-    s/GiB) overlaps with SHA-256 (~0.55 s/GiB) instead of adding to it:
-    a put cannot send a byte before its digest is known.
-    """
-    free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
-    filled: queue.SimpleQueue[tuple[bytearray, int] | OSError] = queue.SimpleQueue()
-    for _ in range(HASH_BUFFERS):
-        free.put(bytearray(HASH_BLOCK))
-    stop = threading.Event()
-
-    def read_ahead() -> None:
-        position = 0
-        try:
-            while not stop.is_set():
-                buffer = free.get()
-                count = os.preadv(descriptor, [buffer], position)
-                filled.put((buffer, count))
-                if not count:
-                    return
-                position += count
-        except OSError as error:
-            filled.put(error)
-
-    threading.Thread(target=read_ahead, name="netlab-hash-read", daemon=True).start()
-    digest = hashlib.sha256()
-    size = 0
-    try:
-        while True:
-            item = filled.get()
-            if isinstance(item, OSError):
-                raise item
-            buffer, count = item
-            if not count:
-                return size, digest.hexdigest()
-            digest.update(memoryview(buffer)[:count])
-            size += count
-            free.put(buffer)
-    finally:
-        # Let a reader still waiting for a buffer see the stop and end.
-        stop.set()
-        free.put(bytearray(HASH_BLOCK))
 
 
 async def download(
@@ -349,13 +299,18 @@ async def upload(
     *,
     force: bool = False,
     progress: Callable[[int, int], Progress] | None = None,
+    hashed: HashedFile | None = None,
+    reactor: Any = None,
 ) -> int:
-    """Put ``local`` to ``remote``; returns the bytes sent."""
-    descriptor = os.open(local, os.O_RDONLY | os.O_CLOEXEC)
+    """Put ``local`` to ``remote``; returns the bytes sent.
+
+    ``hashed`` is ``local`` already open and being hashed (the caller keeps
+    it and closes it); without it, ``local`` is opened and hashed here.
+    ``reactor`` (default: the global one) runs ``session``.
+    """
+    opened = hashed if hashed is not None else HashedFile.open(local)
     try:
-        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
-            raise UsageError(f"{local} is not a regular file (use -r for directories)")
-        size, digest = await deferToThread(hash_file, descriptor)
+        size, digest = await _digest(opened, reactor)
         start = _expect(
             await session.request(
                 "put", path=remote, size=size, sha256=digest, force=force
@@ -379,7 +334,9 @@ async def upload(
         answer = session.receive()
         answer.addBoth(answered)
         widen_transport(session.transport, SOCKET_BUFFER)
-        producer = _FileProducer(session, descriptor, (offset, size), advance, settle)
+        producer = _FileProducer(
+            session, opened.descriptor, (offset, size), advance, settle
+        )
         session.register_producer(producer, True)
         producer.resumeProducing()
         await settled
@@ -390,4 +347,26 @@ async def upload(
         _expect(await answer, "put-done")
         return size - offset
     finally:
-        os.close(descriptor)
+        if hashed is None:  # Opened here, so closed here.
+            opened.close()
+
+
+def _digest(hashed: HashedFile, reactor: Any) -> Deferred[tuple[int, str]]:
+    """The size and SHA-256 of ``hashed``, fired in the reactor thread.
+
+    The hashing thread hands its outcome over with ``callFromThread``: no
+    thread of the reactor's pool blocks waiting for it, which would hold up
+    the reactor's shutdown after Ctrl-C until the whole file was hashed.
+    """
+    if reactor is None:
+        from twisted.internet import reactor
+    result: Deferred[tuple[int, str]] = Deferred()
+
+    def settle(outcome: Outcome) -> None:
+        if isinstance(outcome, BaseException):
+            result.errback(outcome)
+        else:
+            result.callback(outcome)
+
+    hashed.when_done(lambda outcome: reactor.callFromThread(settle, outcome))
+    return result

@@ -3,43 +3,18 @@
 Both files are written atomically (temporary file, fsync, rename) with mode
 0600 from the moment they exist.  Copy the key file to the client machine (or
 run keygen there with the same key file path) and restart nothing: the
-daemon re-reads the users file on reload (SIGHUP).
+daemon re-reads the users file on reload (SIGHUP).  The command line is
+declared in :mod:`netlab.commands`.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Any
 
 from netlab.auth import KeyFileError, add_user, encode_key, generate_key, write_private
 from netlab.errors import UsageError
-
-
-def register(subparsers: Any) -> None:
-    parser: argparse.ArgumentParser = subparsers.add_parser(
-        "keygen",
-        help="create a user's key in the users file and a key file",
-        description="Create a random 32-byte key for USER, add USER to the daemon's "
-        "users file and write the same key to the client's key file (both mode "
-        "0600, written atomically).",
-    )
-    parser.add_argument("user", metavar="USER", help="the user name to create")
-    parser.add_argument(
-        "--users-file",
-        metavar="FILE",
-        help="the daemon's users file (default: [netlab] users_file)",
-    )
-    parser.add_argument(
-        "--key-file",
-        metavar="FILE",
-        help="where to write the client's key (default: [client] key_file)",
-    )
-    parser.add_argument(
-        "--force", action="store_true", help="replace the key of an existing user"
-    )
-    parser.set_defaults(handler=keygen)
 
 
 async def keygen(context: Any) -> int:

@@ -6,11 +6,11 @@ prints the whole seconds the server sent; ``--text`` sends a text command
 (``time``, ``iso``, ``unix``, ``help``) and prints the reply.  ``--count N
 --interval S`` repeats the query like the lessons' client loop.  A query that
 gets no answer within ``[client] timeout`` ends the command with exit status 4.
+The command line is declared in :mod:`netlab.commands`.
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 from datetime import datetime, timezone
 from typing import Any
@@ -30,51 +30,6 @@ from netlab.timeproto import (
 )
 
 _LEAP_NAMES = ("none", "insert second", "delete second", "unsynchronised")
-
-
-def register(subparsers: Any) -> None:
-    parser: argparse.ArgumentParser = subparsers.add_parser(
-        "time",
-        help="ask the time service for the time (SNTP, RFC 868 or text)",
-        description="Query the netlab time service. SNTP (default) prints the "
-        "server's time, the local clock's offset and the round-trip delay.",
-    )
-    kind = parser.add_mutually_exclusive_group()
-    kind.add_argument(
-        "--ntp", dest="kind", action="store_const", const="ntp", help="SNTPv4 (default)"
-    )
-    kind.add_argument(
-        "--rfc868",
-        dest="kind",
-        action="store_const",
-        const="rfc868",
-        help="RFC 868: an empty datagram, whole seconds back",
-    )
-    kind.add_argument(
-        "--text",
-        nargs="?",
-        const="time",
-        metavar="COMMAND",
-        help="send a text command (time, iso, unix, help; default time) and "
-        "print the reply",
-    )
-    parser.add_argument(
-        "--count", type=int, default=1, metavar="N", help="queries to make (default 1)"
-    )
-    parser.add_argument(
-        "--interval",
-        type=float,
-        default=1.0,
-        metavar="S",
-        help="seconds between queries (default 1)",
-    )
-    parser.add_argument(
-        "--port",
-        type=int,
-        metavar="PORT",
-        help="the service's UDP port (default: the port of [time] endpoint)",
-    )
-    parser.set_defaults(handler=handle, kind="ntp")
 
 
 class _Query(DatagramProtocol):

@@ -10,6 +10,7 @@ import hashlib
 import os
 import resource
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ from netlab.errors import RemoteError
 from netlab.fileclient import part_path, upload
 from netlab.filestore import PARTIAL_PREFIX
 from netlab.framing import encode_data_frame
+from netlab.localdigest import HashedFile
 from tests.filesupport import FileSetup, file_setup
 from tests.support import Daemon, run_netlab, temporary_directory
 from tests.tlssupport import CertificateAuthority
@@ -192,6 +194,78 @@ class CommandLineTests(EndToEndTestCase):
         self.assertFalse(target.exists())
         self.assertEqual(self.netlab("get", "f", str(target)).returncode, 0)
         self.assertEqual(target.read_bytes(), data)
+
+
+class EarlyHashTests(EndToEndTestCase):
+    """put hashes LOCAL from the moment its command line is parsed."""
+
+    async def test_upload_sends_the_descriptor_it_hashed(self) -> None:
+        """upload sends the file HashedFile opened and hashed, even when the
+        path names another file by then: what is declared is what is sent."""
+        source = self.directory / "f"
+        original = os.urandom(3_000_000)
+        source.write_bytes(original)
+        hashed = HashedFile.open(source)
+        self.addCleanup(hashed.close)
+        (self.directory / "other").write_bytes(b"another file")
+        os.replace(self.directory / "other", source)
+        session = await self.session()
+        sent = await upload(session, source, "f", hashed=hashed, reactor=reactor)
+        await session.close()
+        self.assertEqual(sent, len(original))
+        self.assertEqual((self.setup.root / "f").read_bytes(), original)
+
+    def test_local_problems_are_reported_as_before(self) -> None:
+        """A missing LOCAL, a directory without -r, a file that is not regular
+        and one that cannot be opened each give their one-line message and
+        exit status; nothing reaches the server, which still serves others."""
+        listening = socket.socket(socket.AF_UNIX)
+        self.addCleanup(listening.close)
+        listening.bind(str(self.directory / "socket"))
+        (self.directory / "tree").mkdir()
+        cases = {
+            "missing": (2, f"netlab: {self.directory}/missing does not exist\n"),
+            "tree": (2, f"netlab: {self.directory}/tree is a directory; use -r\n"),
+            "/dev/null": (
+                2,
+                "netlab: /dev/null is not a regular file (use -r for directories)\n",
+            ),
+            "socket": (
+                1,
+                "netlab: unexpected error: OSError(6, 'No such device or address') "
+                "(run with -v for details)\n",
+            ),
+        }
+        for name, expected in cases.items():
+            local = name if name.startswith("/") else str(self.directory / name)
+            result = self.netlab("put", local, "target")
+            self.assertEqual((result.returncode, result.stderr), expected, name)
+        self.assertEqual(list(self.setup.root.iterdir()), [])
+        self.assertServed()
+
+    def test_failed_connection_does_not_wait_for_the_hash(self) -> None:
+        """A put whose server cannot be reached ends with its one-line error
+        (exit 4) while its file is still being hashed: the hashing threads,
+        cut off at exit, print nothing and do not change the exit status."""
+        big = self.directory / "big"
+        with big.open("wb") as stream:
+            stream.truncate(4 << 30)  # sparse: instant to make, seconds to hash
+        closed = socket.socket()
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        closed.close()
+        result = run_netlab(
+            *self.setup.client_args(),
+            "--server",
+            f"127.0.0.1:{port}",
+            "put",
+            str(big),
+            env=self.setup.env(),
+            cwd=self.directory,
+        )
+        self.assertEqual(result.returncode, 4, result.stderr)
+        self.assertEqual(result.stderr.count("\n"), 1, result.stderr)
+        self.assertIn("cannot connect to the file service", result.stderr)
 
 
 class TLSTests(EndToEndTestCase):

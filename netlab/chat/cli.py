@@ -2,13 +2,13 @@
 
 The protocol work is :class:`netlab.chat.client.ChatClient`; this module
 wires it to a UDP port, to the terminal through Twisted's ``StandardIO`` and
-to the command line.  Ctrl-D (end of input), ``/quit`` and Ctrl-C all leave
-the room cleanly: the leave datagram is sent before the reactor stops.
+to the command line (declared in :mod:`netlab.commands`).  Ctrl-D (end of
+input), ``/quit`` and Ctrl-C all leave the room cleanly: the leave datagram
+is sent before the reactor stops.
 """
 
 from __future__ import annotations
 
-import argparse
 import getpass
 import os
 import sys
@@ -40,28 +40,6 @@ HELP = (
     "commands: /nick NAME  /join ROOM  /who  /msg NICK TEXT  /quit (or Ctrl-D)",
     "anything else is said to the room",
 )
-
-
-def register(subparsers: Any) -> None:
-    parser: argparse.ArgumentParser = subparsers.add_parser(
-        "chat",
-        help="chat in a room of the chat service",
-        description="Join a chat room and talk: lines you type are said to the "
-        "room, /commands do the rest (/help lists them). Ctrl-D or /quit leaves.",
-    )
-    parser.add_argument(
-        "--room", default=None, help="room to join (default: the server's first room)"
-    )
-    parser.add_argument(
-        "--nick", default=None, help="nickname (default: your user name)"
-    )
-    parser.add_argument(
-        "--send",
-        metavar="TEXT",
-        default=None,
-        help="say TEXT, then leave (for scripts)",
-    )
-    parser.set_defaults(handler=chat)
 
 
 class _ClientPort(DatagramProtocol):
