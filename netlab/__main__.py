@@ -1,5 +1,5 @@
 """``python -m netlab`` runs the ``netlab`` command."""
 
-from netlab.cli import main
+from netlab.cli import console
 
-main()
+console()

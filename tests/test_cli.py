@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
 import sys
+import threading
 
 from twisted.trial.unittest import TestCase
 
-from netlab import __version__
+from netlab import __version__, cli
 from netlab.cli import build_parser, report
 from netlab.config import client_config_path
 from netlab.errors import ConnectionFailed, ExitCode, RemoteError
@@ -124,3 +127,71 @@ class ReportTests(TestCase):
         except ZeroDivisionError as error:
             _, verbose_text = self.capture(error, verbose=1)
         self.assertIn("Traceback", verbose_text)
+
+
+class _Exited(Exception):
+    """Raised by the stand-in for os._exit, with the status it was given."""
+
+
+class ConsoleTests(TestCase):
+    """console() runs main, then exits at once with main's status."""
+
+    def run_console(self, status: object) -> tuple[int | None, list[str]]:
+        """console() with a main that exits with ``status``: (the status given to
+        os._exit, or None when it exited the ordinary way; what happened)."""
+        events: list[str] = []
+
+        def main() -> None:
+            events.append("main")
+            raise SystemExit(status)
+
+        def exit_now(code: int) -> None:
+            events.append("os._exit")
+            raise _Exited(code)
+
+        self.patch(cli, "main", main)
+        self.patch(cli.os, "_exit", exit_now)
+        self.patch(cli.atexit, "_run_exitfuncs", lambda: events.append("atexit"))
+        self.patch(sys, "stderr", io.StringIO())
+        try:
+            cli.console()
+        except _Exited as exited:
+            return exited.args[0], events
+        except SystemExit as stop:
+            events.append(f"SystemExit({stop.code})")
+        return None, events
+
+    def test_statuses(self) -> None:
+        """main's status reaches os._exit: None is 0, an int is itself, a
+        message is printed and exits 1; exit handlers run first."""
+        for status, expected in ((None, 0), (0, 0), (ExitCode.CONNECTION, 4)):
+            self.assertEqual(
+                self.run_console(status), (expected, ["main", "atexit", "os._exit"])
+            )
+        self.assertEqual(self.run_console("no good")[0], ExitCode.FAILURE)
+        self.assertEqual(sys.stderr.getvalue(), "no good\n")
+
+    def test_waits_for_other_threads(self) -> None:
+        """With a non-daemon thread still running, the interpreter exits the
+        ordinary way (which waits for it) instead of cutting it off."""
+        release = threading.Event()
+        worker = threading.Thread(target=release.wait, daemon=False)
+        worker.start()
+        self.addCleanup(worker.join)
+        self.addCleanup(release.set)
+        self.assertEqual(self.run_console(3), (None, ["main", "SystemExit(3)"]))
+
+    def test_reader_gone_is_no_error(self) -> None:
+        """Output to a reader that has gone away (``netlab config | true``)
+        ends quietly with status 1, not a BrokenPipeError report."""
+        process = subprocess.Popen(
+            [sys.executable, "-m", "netlab", "config"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**os.environ, "NETLAB_CONFIG": os.devnull},
+        )
+        assert process.stdout is not None
+        process.stdout.close()
+        _, errors = process.communicate(timeout=30)
+        self.assertEqual((process.returncode, errors), (ExitCode.FAILURE, b""))
