@@ -763,7 +763,8 @@ class FileSection:
         86400.0,
         Duration(minimum=1.0),
         "An interrupted upload's partial file is kept this long for a resume, "
-        "then removed (at start-up and by a periodic sweep).",
+        "then removed (at start-up and by a periodic sweep; never while an "
+        "upload has it open).",
         live=True,
     )
     list_page_size: int = setting(

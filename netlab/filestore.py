@@ -17,7 +17,7 @@ SHA-256.  Only a complete, verified, fsynced file is renamed over the target
 (then the directory is fsynced), so no reader ever sees a half-written
 target.  An interrupted upload keeps its partial file so the same ``put`` can
 resume; partials older than ``[file] partial_expiry`` are removed at start-up
-and periodically after.
+and periodically after, except those an upload still has open.
 """
 
 from __future__ import annotations
@@ -582,6 +582,9 @@ class Upload:
             os.close(self.descriptor)
             os.close(self.directory)
             self.store.busy.discard(self.lock_key)
+            self.store.open_partials.discard(
+                (self.lock_key[0], self.lock_key[1], self.temp_name)
+            )
 
         return self.worker.finish().addBoth(release)
 
@@ -630,6 +633,9 @@ class Store:
         self.digests = DigestCache()
         #: (device, inode of the directory, name) of targets being uploaded.
         self.busy: set[tuple[int, int, str]] = set()
+        #: (device, inode of its directory, name) of every partial file an
+        #: upload has open: the sweep leaves them alone, however old.
+        self.open_partials: set[tuple[int, int, str]] = set()
         #: Bytes used below the root: measured by :meth:`sweep`, then kept up
         #: to date by completed uploads and removals.
         self.usage = 0
@@ -795,6 +801,9 @@ class Store:
         except OSError as error:
             raise TransferRefused("io-error", f"{path}: {error.strerror}") from None
         self.busy.add(lock_key)
+        self.open_partials.add(
+            (directory_status.st_dev, directory_status.st_ino, temp_name)
+        )
         return Upload(
             self,
             request,
@@ -821,11 +830,18 @@ class Store:
     # -- maintenance ---------------------------------------------------------
 
     def scan(self) -> tuple[int, int]:
-        """(thread) Remove expired partials and measure usage: (bytes used, removed)."""
+        """(thread) Remove expired partials and measure usage: (bytes used, removed).
+
+        A partial that an upload has open is never expired, even one that
+        has not grown for longer than ``partial_expiry`` (a stalled client
+        within its idle timeout): removing it would fail that upload at
+        its end.  (Membership tests of the reactor thread's set are atomic.)
+        """
         now = self.clock()
         used = 0
         removed = 0
         for _, _, files, directory in _walk(self.sandbox.root):
+            here = os.fstat(directory)
             for name in files:
                 try:
                     status = os.stat(name, dir_fd=directory, follow_symlinks=False)
@@ -834,7 +850,11 @@ class Store:
                 if not stat.S_ISREG(status.st_mode):
                     continue
                 stale = now - status.st_mtime > self.policy.partial_expiry
-                if name.startswith(PARTIAL_PREFIX) and stale:
+                if (
+                    name.startswith(PARTIAL_PREFIX)
+                    and stale
+                    and (here.st_dev, here.st_ino, name) not in self.open_partials
+                ):
                     try:
                         os.unlink(name, dir_fd=directory)
                     except FileNotFoundError:

@@ -263,6 +263,33 @@ class SweepTests(StoreTestCase):
         self.assertTrue(fresh.exists())
         self.assertEqual(store.usage, 15)
 
+    async def test_sweep_spares_uploads_in_progress(self) -> None:
+        """The partial of a running upload survives a sweep even once it is
+        older than partial_expiry, and the upload then completes; once the
+        upload ends without completing, the same partial is swept."""
+        store = self.make_store(partial_expiry=60.0)
+        request = PutRequest("alice", parse_path("f"), len(DATA), DIGEST)
+        upload = store.begin_upload(request)
+        half = len(DATA) // 2
+        upload.receive(DATA[:half])
+        [partial] = partials(self.root)
+        # An hour later, as far as the sweep can tell, with nothing written.
+        store.clock = lambda: time.time() + 3600
+        await store.sweep()
+        self.assertEqual(partials(self.root), [partial])
+        upload.receive(DATA[half:])
+        await upload.complete()
+        self.assertEqual((self.root / "f").read_bytes(), DATA)
+
+        interrupted = store.begin_upload(
+            PutRequest("alice", parse_path("g"), len(DATA), DIGEST)
+        )
+        interrupted.receive(DATA[:half])
+        await interrupted.interrupt()
+        self.assertEqual(len(partials(self.root)), 1)
+        await store.sweep()
+        self.assertEqual(partials(self.root), [])
+
 
 class ListingTests(StoreTestCase):
     """ls, stat, mkdir and rm through the sandbox."""
