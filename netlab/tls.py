@@ -30,10 +30,13 @@ each through a Python wrapper (argument checks, error translation, and for
 ``recv`` a fresh buffer copied into a fresh ``bytes``).  :func:`encrypt` and
 :func:`decrypt` instead loop over ``SSL_write`` / ``SSL_read`` through
 pyOpenSSL's own cffi binding: one buffer for a whole write or a whole TCP
-read, errors translated by pyOpenSSL as before, and about 0.15 CPU-s/GiB less
-per side.  That binding is private to pyOpenSSL, so it is looked up once and,
-if a future pyOpenSSL lacks it, the public calls are used instead (the same
-bytes and errors, only slower).
+read, errors translated by pyOpenSSL as before.  That binding is private to
+pyOpenSSL, so it is looked up once and, if a future pyOpenSSL lacks it, the
+public calls are used instead (the same bytes and errors, only slower).
+Writes may be views of a buffer the caller refills (:attr:`BulkTLSProtocol.
+consumes_writes`), and a receiver that takes views gets the decryption
+buffer itself.  Together, on a 1 GiB get here, that took the sender's event
+loop from 0.71-0.75 to 0.55-0.62 CPU-s and the receiver's by about 0.1 CPU-s.
 
 :class:`BulkTLSFactory` builds those protocols.  Servers get them through
 :class:`TLSListeningReactor` (handed to ``serverFromString`` for ``ssl:``
