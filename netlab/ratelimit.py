@@ -1,4 +1,4 @@
-"""Rate limits for the UDP services: per-source token buckets and a global ceiling.
+"""Rate limits: per-source token buckets and a global ceiling, and log lines.
 
 Modelled on chrony's ``ratelimit``: each source address has a token bucket
 (``rate`` tokens a second, up to ``burst``); the table of sources is bounded
@@ -143,3 +143,33 @@ class RateLimiter:
         if self._global is not None and not self._global.take(now, cost):
             return Verdict.GLOBAL_LIMIT
         return verdict
+
+
+@attrs.define
+class LogThrottle:
+    """One kind of log line: a burst of ``burst``, then ``rate`` lines a second.
+
+    Anyone who can reach a port can make the daemon refuse connections or
+    fail authentications as fast as they can open them; one warning each
+    would turn that flood into a flood of log lines (and disk).  Each line
+    that gets through says how many like it were held back since the last.
+    """
+
+    clock: Clock
+    rate: float = 1.0
+    burst: float = 20.0
+    #: Lines held back since the last one let through.
+    held: int = 0
+    _bucket: TokenBucket | None = attrs.field(init=False, default=None)
+
+    def admit(self) -> int | None:
+        """None: do not log this line.  Otherwise log it, saying that this
+        many like it were held back before it."""
+        now = self.clock.seconds()
+        if self._bucket is None:
+            self._bucket = TokenBucket.full(self.rate, self.burst, now)
+        if not self._bucket.take(now):
+            self.held += 1
+            return None
+        held, self.held = self.held, 0
+        return held

@@ -50,6 +50,7 @@ from netlab.framing import (
     FrameTooLarge,
     encode_data_frame,
 )
+from netlab.ratelimit import LogThrottle
 
 log = Logger(namespace="netlab.session")
 
@@ -478,10 +479,9 @@ class ServerSession:
         refusal = self.factory.admit(host)
         if refusal is not None:
             code, reason = refusal
-            log.warn(
+            self._warn(
+                "session.refused",
                 "refused connection from {peer}: {reason}",
-                event="session.refused",
-                service=self.policy.service,
                 peer=self.peer,
                 reason=reason,
             )
@@ -689,10 +689,9 @@ class ServerSession:
         """Log, count towards a lock-out, and answer only after a delay."""
         host = self.peer_host
         locked = self.factory.failures.record_failure(host)
-        log.warn(
+        self._warn(
+            "session.auth.failed",
             "authentication failure from {peer} ({code}){lock}",
-            event="session.auth.failed",
-            service=self.policy.service,
             peer=self.peer,
             code=code,
             lock="; address locked out" if locked else "",
@@ -703,6 +702,21 @@ class ServerSession:
         self.protocol.pauseProducing()
         self._timer = self.clock.callLater(
             self.policy.auth_failure_delay, self._send_failure, code, message
+        )
+
+    def _warn(self, event: str, text: str, **fields: Any) -> None:
+        """A warning that anyone who can connect can provoke: throttled per
+        service and kind, each line saying how many were held back."""
+        held = self.factory.log_throttle(event).admit()
+        if held is None:
+            return
+        log.warn(
+            text + "{held_back}",
+            event=event,
+            service=self.policy.service,
+            held_back=f" (and {held} more not logged)" if held else "",
+            not_logged=held,
+            **fields,
         )
 
     def _send_failure(self, code: str, message: str) -> None:
@@ -796,6 +810,14 @@ class SessionFactory(Factory):
         self.clock = clock
         self.sessions: set[ServerSession] = set()
         self.per_address: dict[str, int] = {}
+        self._log_throttles: dict[str, LogThrottle] = {}
+
+    def log_throttle(self, event: str) -> LogThrottle:
+        """The throttle for warnings of kind ``event`` from this service."""
+        throttle = self._log_throttles.get(event)
+        if throttle is None:
+            throttle = self._log_throttles[event] = LogThrottle(self.clock)
+        return throttle
 
     def admit(self, host: str) -> tuple[str, str] | None:
         """Why a connection from ``host`` is refused: ``(code, reason)``, or None."""

@@ -13,7 +13,7 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import capturedLogs
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import TestCase
 
 from netlab.auth import client_proof, new_nonce
@@ -425,6 +425,48 @@ class LimitTests(SessionTestCase):
         self.client("127.0.0.1")
         self.client("127.0.0.2")
         self.assertClosedWith(self.client("127.0.0.3"), "too-many-connections")
+
+
+class LogFloodTests(SessionTestCase):
+    """Warnings anyone can provoke are throttled, and say what they held back."""
+
+    def test_refusal_flood_is_a_trickle(self) -> None:
+        """500 refused connections log a burst of 20 lines, then one a second,
+        the next one counting those held back; each client is still told why,
+        and a client under the cap is served throughout."""
+        self.factory.policy = SessionPolicy(service="file", max_connections=1)
+        served = self.ready_client()
+        with capturedLogs() as events:
+            for _ in range(500):
+                self.assertClosedWith(self.client("127.0.0.9"), "too-many-connections")
+            self.clock.advance(1.0)
+            self.assertClosedWith(self.client("127.0.0.9"), "too-many-connections")
+        lines = [e for e in events if e.get("event") == "session.refused"]
+        self.assertEqual(len(lines), 21)
+        self.assertEqual([line["not_logged"] for line in lines[:20]], [0] * 20)
+        self.assertEqual(lines[20]["not_logged"], 480)
+        self.assertIn("(and 480 more not logged)", formatEvent(lines[20]))
+        served.send(control("echo"))
+        self.assertEqual(served.received()[0]["op"], "echoed")
+
+    def test_auth_failures_are_throttled_apart(self) -> None:
+        """Authentication failures have a throttle of their own: a refusal
+        flood does not hide them."""
+        self.factory.policy = SessionPolicy(service="file", max_connections=1)
+        self.ready_client()
+        with capturedLogs():
+            for _ in range(30):
+                self.client("127.0.0.9")
+        self.factory.policy = SessionPolicy(service="file")
+        with capturedLogs() as events:
+            client = self.client()
+            client.hello()
+            client.send(control("auth", mechanism="anonymous"))
+            self.clock.advance(1)
+        self.assertEqual(
+            [e["event"] for e in events if e.get("event", "").startswith("session.")],
+            ["session.auth.failed"],
+        )
 
 
 class DecodeFuzzTests(TestCase):
