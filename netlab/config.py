@@ -711,8 +711,9 @@ class FileSection:
         Choice(("no", "read", "write")),
         'Whether clients that did not authenticate may use the service: "no" '
         '(authentication required), "read" (ls, stat and get) or "write" '
-        "(everything). A warning is logged when anonymous access is open on a "
-        "non-loopback address.",
+        "(everything). A warning is logged when anonymous access is opened "
+        "(at start-up or by a reload) on a non-loopback address (for a "
+        "systemd socket, the address systemd bound it to).",
         live=True,
     )
     read_only_users: tuple[str, ...] = setting(

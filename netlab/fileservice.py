@@ -25,6 +25,7 @@ behind.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Callable
@@ -539,16 +540,32 @@ class FileService(SessionService):
         super().privilegedStartService()
         self.warn_if_exposed()
 
-    def warn_if_exposed(self) -> None:
-        """Log a warning when anonymous access is open beyond loopback."""
-        address = self.config.listen_address("file")
-        if self.allow_anonymous(self.config) and not address.is_loopback:
+    def warn_if_exposed(self, config: NetlabConfig | None = None) -> None:
+        """Log a warning when ``config`` (default: the one in force) opens
+        anonymous access beyond loopback.
+
+        Once listening, the address the socket is bound to decides: a
+        ``systemd:`` endpoint says nothing about the socket systemd bound.
+        """
+        config = config or self.config
+        if not self.allow_anonymous(config):
+            return
+        bound = self.listening_address
+        host = getattr(bound, "host", None)
+        if host is not None:
+            try:
+                loopback = ipaddress.ip_address(host).is_loopback
+            except ValueError:
+                loopback = False
+        else:
+            loopback = config.listen_address("file").is_loopback
+        if not loopback:
             log.warn(
                 "file service allows anonymous {access} access on {endpoint}, "
                 "beyond loopback: anyone who can reach it can use it",
                 event="file.anonymous.exposed",
-                access=self.config.file.anonymous,
-                endpoint=self.config.file.endpoint,
+                access=config.file.anonymous,
+                endpoint=config.file.endpoint,
             )
 
     def startService(self) -> None:
@@ -570,6 +587,8 @@ class FileService(SessionService):
     def apply(self, config: NetlabConfig) -> None:
         super().apply(config)
         self.store.policy = store_policy(config)
+        if not self.allow_anonymous(self.config):  # A reload opens it.
+            self.warn_if_exposed(config)
 
 
 def build(config: NetlabConfig, reactor: Any) -> FileService:

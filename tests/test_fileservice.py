@@ -16,8 +16,9 @@ from typing import Any
 
 import attrs
 from twisted.internet import reactor
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.task import deferLater
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
@@ -459,3 +460,41 @@ class ServiceTests(TestCase):
         self.make(endpoint="tcp:8021:interface=0.0.0.0").warn_if_exposed()
         warnings = [e for e in events if e.get("event") == "file.anonymous.exposed"]
         self.assertEqual(len(warnings), 1)
+
+    def test_bound_address_decides_once_listening(self) -> None:
+        """Once listening, the socket's own address decides: a systemd socket
+        bound to loopback does not warn, one bound to every address does."""
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        for address, warned in (
+            (IPv4Address("TCP", "127.0.0.1", 8021), 0),
+            (IPv6Address("TCP", "::1", 8021), 0),
+            (IPv4Address("TCP", "0.0.0.0", 8021), 1),
+        ):
+            service = self.make(
+                anonymous="read", endpoint="systemd:domain=INET:name=netlab-file"
+            )
+            port = StringTransport(hostAddress=address)
+            service.port = port  # type: ignore[assignment]
+            events.clear()
+            service.warn_if_exposed()
+            warnings = [e for e in events if e.get("event") == "file.anonymous.exposed"]
+            self.assertEqual(len(warnings), warned, address)
+
+    def test_reload_that_opens_anonymous_access_warns(self) -> None:
+        """A reload that turns anonymous access on beyond loopback warns too."""
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        service = self.make(endpoint="tcp:8021:interface=0.0.0.0")
+        opened = attrs.evolve(
+            service.config,
+            file=attrs.evolve(service.config.file, anonymous="write"),
+        )
+        self.assertEqual(service.reconfigure(opened), [])
+        [warning] = [e for e in events if e.get("event") == "file.anonymous.exposed"]
+        self.assertEqual(warning["access"], "write")
+        events.clear()
+        service.reconfigure(opened)  # Already open: said once is enough.
+        self.assertNotIn("file.anonymous.exposed", [e.get("event") for e in events])
