@@ -5,7 +5,7 @@ datagram with :mod:`netlab.timeproto`, applies the reflection guards and the
 rate limits, and answers.  :class:`TimeService` listens, refreshes what the
 kernel says about the clock, logs the counters, and with ``workers = N``
 starts N-1 worker processes (:mod:`netlab.timeworker`) that answer on the
-same port.
+same port, and starts again any that dies.
 
 A UDP responder on the open internet is a reflection weapon: anyone can send
 it a request with a victim's source address.  The guards, in order:
@@ -485,8 +485,16 @@ class WorkerProcess(ProcessProtocol):
     the daemon logs, daemonized or not.
     """
 
-    def __init__(self, index: int) -> None:
+    def __init__(
+        self,
+        index: int,
+        on_exit: Callable[[WorkerProcess, str], None] | None = None,
+        started: float = 0.0,
+    ) -> None:
         self.index = index
+        self.on_exit = on_exit
+        #: When it was started (the reactor's clock).
+        self.started = started
         self.ended: defer.Deferred[None] = defer.Deferred()
         self.running = True
         self.pending = b""
@@ -512,17 +520,34 @@ class WorkerProcess(ProcessProtocol):
 
     def processEnded(self, reason: Failure) -> None:
         self.running = False
-        log.info(
-            "time worker {index} exited: {reason}",
-            event="time.worker.exited",
-            index=self.index,
-            reason=reason.getErrorMessage(),
-        )
+        if self.on_exit is not None:
+            self.on_exit(self, reason.getErrorMessage())
+        else:
+            log.info(
+                "time worker {index} exited: {reason}",
+                event="time.worker.exited",
+                index=self.index,
+                reason=reason.getErrorMessage(),
+            )
         self.ended.callback(None)
 
 
+#: A worker that ran at least this long before it died is restarted after
+#: :data:`RESTART_DELAY`; one that died sooner waits twice as long as the
+#: last time, up to :data:`RESTART_DELAY_MAX` (a worker that cannot start
+#: must not become a fork loop).
+STABLE_RUN = 30.0
+RESTART_DELAY = 1.0
+RESTART_DELAY_MAX = 60.0
+
+
 class TimeService(DatagramListeningService):
-    """The time service (``[time]``), with ``workers - 1`` helper processes."""
+    """The time service (``[time]``), with ``workers - 1`` helper processes.
+
+    A worker that dies while the service runs is started again on a socket
+    of its own (or a copy of the one systemd passed), after a delay that
+    grows while it keeps dying early.
+    """
 
     section_name = "time"
     max_packet_size = MAX_PACKET_SIZE
@@ -543,6 +568,14 @@ class TimeService(DatagramListeningService):
         self.reporter.clock = reactor
         self.worker_sockets: list[socket.socket] = []
         self.workers: list[WorkerProcess] = []
+        #: Makes the socket a restarted worker answers on.
+        self.new_worker_socket: Callable[[], socket.socket] | None = None
+        #: Per worker index: the delay before its next restart, and that
+        #: restart once scheduled.
+        self.restart_delays: dict[int, float] = {}
+        self.restarts: dict[int, Any] = {}
+        self.spare_socket: socket.socket | None = None
+        self.stopping = False
 
     def protocol(self) -> DatagramProtocol:
         return self.responder
@@ -558,9 +591,13 @@ class TimeService(DatagramListeningService):
         workers = self.section.workers
         address = self.config.listen_address("time")
         if address.kind == "systemd":
-            # Every process reads the one socket systemd passed.
+            # Every process reads the one socket systemd passed; a spare
+            # copy (never read here) is kept for workers that restart.
             assert address.name is not None
-            return systemd_datagram_sockets("time", address.name, workers)
+            sockets = systemd_datagram_sockets("time", address.name, workers + 1)
+            self.spare_socket = sockets.pop()
+            self.new_worker_socket = self.spare_socket.dup
+            return sockets
         assert address.port is not None
         interface = address.interface or "0.0.0.0"  # noqa: S104 - as configured
         sockets = []
@@ -572,6 +609,9 @@ class TimeService(DatagramListeningService):
             port = sockets[0].getsockname()[1]
             for _ in range(workers - 1):
                 sockets.append(udp_socket(interface, port, True))
+            self.new_worker_socket = functools.partial(
+                udp_socket, interface, port, True
+            )
         except OSError as error:
             for sock in sockets:
                 sock.close()
@@ -589,13 +629,18 @@ class TimeService(DatagramListeningService):
 
     def spawn_workers(self) -> None:
         """Start one worker process per socket made in :meth:`listen`."""
+        sockets, self.worker_sockets = self.worker_sockets, []
+        for index, sock in enumerate(sockets, start=1):
+            self.spawn_worker(index, sock)
+
+    def spawn_worker(self, index: int, sock: socket.socket) -> None:
+        """Start worker ``index`` answering on ``sock`` (closed here)."""
         reactor: IReactorProcess = self.reactor
         arguments = [sys.executable, "-m", "netlab.timeworker"]
         if self.config.path is not None:
             arguments += ["--config", str(self.config.path)]
-        sockets, self.worker_sockets = self.worker_sockets, []
-        for index, sock in enumerate(sockets, start=1):
-            worker = WorkerProcess(index)
+        worker = WorkerProcess(index, self.worker_exited, self.reactor.seconds())
+        with sock:
             # The worker's stdin is a pipe from us: when this process dies,
             # however it dies, the pipe closes and the worker stops.
             reactor.spawnProcess(
@@ -605,8 +650,57 @@ class TimeService(DatagramListeningService):
                 env=os.environ.copy(),
                 childFDs={0: "w", 1: "r", 2: 2, 3: sock.fileno()},
             )
-            sock.close()
-            self.workers.append(worker)
+        self.workers.append(worker)
+
+    def worker_exited(self, worker: WorkerProcess, reason: str) -> None:
+        """Log a worker's end; unless the service is stopping, restart it later."""
+        if worker in self.workers:
+            self.workers.remove(worker)
+        if self.stopping or not self.running or self.new_worker_socket is None:
+            log.info(
+                "time worker {index} exited: {reason}",
+                event="time.worker.exited",
+                index=worker.index,
+                reason=reason,
+            )
+            return
+        index = worker.index
+        if self.reactor.seconds() - worker.started >= STABLE_RUN:
+            delay = RESTART_DELAY
+        else:
+            delay = self.restart_delays.get(index, RESTART_DELAY / 2) * 2
+        delay = min(delay, RESTART_DELAY_MAX)
+        self.restart_delays[index] = delay
+        log.warn(
+            "time worker {index} exited: {reason}; restarting it in {delay}",
+            event="time.worker.died",
+            index=index,
+            reason=reason,
+            delay=format_duration(delay),
+        )
+        self.restarts[index] = self.reactor.callLater(delay, self.restart_worker, index)
+
+    def restart_worker(self, index: int) -> None:
+        """Start worker ``index`` again, on a new socket."""
+        self.restarts.pop(index, None)
+        assert self.new_worker_socket is not None
+        try:
+            sock = self.new_worker_socket()
+        except OSError as error:
+            log.warn(
+                "time worker {index} cannot be restarted: {reason}; the other "
+                "processes go on answering",
+                event="time.worker.restart_failed",
+                index=index,
+                reason=error.strerror or str(error),
+            )
+            return
+        self.spawn_worker(index, sock)
+        log.info(
+            "time worker {index} restarted",
+            event="time.worker.restarted",
+            index=index,
+        )
 
     def report(self) -> None:
         log_counters(self.responder.take_counters(), self.section.stats_interval, 0)
@@ -626,13 +720,20 @@ class TimeService(DatagramListeningService):
                 worker.transport.signalProcess("HUP")
 
     def stopService(self) -> defer.Deferred[None] | None:
+        self.stopping = True
+        for pending in self.restarts.values():
+            if pending.active():
+                pending.cancel()
+        self.restarts.clear()
+        if self.spare_socket is not None:
+            self.spare_socket.close()
         for loop in (self.refresher, self.reporter):
             if loop.running:
                 loop.stop()
         self.report()
         stopped = super().stopService()
         waits: list[defer.Deferred[Any]] = [] if stopped is None else [stopped]
-        for worker in self.workers:
+        for worker in list(self.workers):
             if worker.running and worker.transport is not None:
                 worker.transport.signalProcess("TERM")
                 waits.append(worker.ended)

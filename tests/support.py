@@ -124,15 +124,19 @@ class Daemon:
                 self.addresses[match.group(1)] = split_host_port(match.group(2))
         return True
 
-    def wait_for(self, pattern: str, timeout: float = 15.0) -> str:
-        """Wait until a line matching ``pattern`` is logged; return it."""
+    def wait_for(self, pattern: str, timeout: float = 15.0, count: int = 1) -> str:
+        """Wait until ``count`` lines matching ``pattern`` are logged; return
+        the last of them."""
         regex = re.compile(pattern)
         seen = 0
+        found = 0
         deadline = time.monotonic() + timeout
         while True:
             for line in self.output[seen:]:
                 if regex.search(line):
-                    return line
+                    found += 1
+                    if found == count:
+                        return line
             seen = len(self.output)
             remaining = deadline - time.monotonic()
             if remaining <= 0:

@@ -311,6 +311,31 @@ class WorkerTests(TestCase):
         for pid in self.workers:
             self.assertFalse(alive(pid))
 
+    def test_killed_worker_is_restarted(self) -> None:
+        """A worker killed with SIGKILL is started again within seconds, on a
+        socket of its own, while the other processes go on answering; then
+        every query is answered, by more than one process."""
+        victim = self.workers[0]
+        os.kill(victim, signal.SIGKILL)
+        for _ in range(20):  # Meanwhile: answered, asking again as clients do.
+            with contextlib.suppress(TimeoutError):
+                self.assertEqual(len(exchange(self.port, b"", timeout=1.0)), 4)
+        died = self.daemon.wait_for(r"time worker \d exited: .*; restarting")
+        index = re.search(r"time worker (\d)", died).group(1)  # type: ignore[union-attr]
+        self.daemon.wait_for(rf"time worker {index} restarted")
+        self.daemon.wait_for(
+            rf"time worker {index} answering on 127\.0\.0\.1:{self.port}", count=2
+        )
+        now = children(self.daemon.process.pid)
+        self.assertEqual(len(now), 2)
+        self.assertNotIn(victim, now)
+        for _ in range(60):
+            self.assertEqual(len(exchange(self.port, b"")), 4)
+        self.daemon.stop()
+        served = [int(n) for n in re.findall(r"answered-rfc868 (\d+)", self.daemon.log)]
+        self.assertGreaterEqual(sum(served), 60)
+        self.assertGreater(len([n for n in served if n]), 1)
+
     def test_workers_die_with_killed_daemon(self) -> None:
         """Even SIGKILL of the daemon takes the workers down (their stdin closes)."""
         os.kill(self.daemon.process.pid, signal.SIGKILL)

@@ -11,10 +11,12 @@ from typing import Any
 
 import attrs
 from twisted.internet import defer, reactor
+from twisted.internet.error import ProcessTerminated
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import FakeDatagramTransport, MemoryReactorClock
 from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from netlab.config import NetlabConfig, TimeSection, from_mapping
@@ -34,6 +36,8 @@ from netlab.timeproto import (
 )
 from netlab.timeservice import (
     COUNTERS,
+    RESTART_DELAY_MAX,
+    STABLE_RUN,
     KernelClock,
     TimeResponder,
     TimeService,
@@ -621,3 +625,83 @@ class TimestampingPortWriteTests(TestCase):
         """ENOBUFS propagates, so the responder can count it."""
         port = self.port(OSError(errno.ENOBUFS, "No buffer space available"))
         self.assertRaises(OSError, port.write, b"x", CLIENT)
+
+
+class _ProcessReactor(MemoryReactorClock):
+    """A MemoryReactorClock that records spawnProcess calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list[tuple[WorkerProcess, list[str], dict[int, Any]]] = []
+
+    def spawnProcess(  # type: ignore[override]
+        self, protocol: WorkerProcess, executable: str, args: list[str], **kw: Any
+    ) -> None:
+        protocol.transport = _SignalRecorder()  # type: ignore[assignment]
+        self.spawned.append((protocol, args, kw["childFDs"]))
+
+
+class WorkerRestartTests(TestCase):
+    """A worker that dies is started again, later each time it dies early."""
+
+    def setUp(self) -> None:
+        directory = temporary_directory(self)
+        config = from_mapping(
+            {"netlab": {"state_directory": str(directory)}, "time": {"workers": 2}},
+            base_directory=directory,
+        )
+        self.reactor = _ProcessReactor()
+        self.service = TimeService(config, self.reactor)
+        self.sockets: list[socket.socket] = []
+
+        def new_socket() -> socket.socket:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.sockets.append(sock)
+            return sock
+
+        self.service.new_worker_socket = new_socket
+        self.service.running = True
+        self.service.spawn_worker(1, new_socket())
+
+    def die(self, after: float) -> WorkerProcess:
+        """The newest worker runs ``after`` seconds, then is killed."""
+        worker = self.reactor.spawned[-1][0]
+        self.reactor.advance(after)
+        worker.processEnded(Failure(ProcessTerminated(signal=9)))
+        return worker
+
+    def test_restart_backs_off_then_resets(self) -> None:
+        """Early deaths double the delay up to its cap; a worker that ran
+        long enough is restarted after the first delay again; each new
+        worker gets a socket of its own, closed here once passed on."""
+        delays = []
+        for _ in range(9):
+            self.die(after=0.5)
+            self.assertEqual(self.service.workers, [])
+            spawned = len(self.reactor.spawned)
+            waited = 0.0
+            while len(self.reactor.spawned) == spawned:
+                self.reactor.advance(0.5)
+                waited += 0.5
+            delays.append(waited)
+        self.assertEqual(delays, [1, 2, 4, 8, 16, 32, 60, 60, 60])
+        self.die(after=STABLE_RUN)
+        self.reactor.advance(1.0)
+        self.assertEqual(len(self.reactor.spawned), 11)
+        [worker] = self.service.workers
+        self.assertEqual(worker.index, 1)
+        self.assertEqual(self.reactor.spawned[-1][1][-2:], ["--index", "1"])
+        self.assertTrue(all(sock.fileno() == -1 for sock in self.sockets))
+        self.assertEqual(RESTART_DELAY_MAX, 60)
+
+    def test_no_restart_once_stopping(self) -> None:
+        """Stopping cancels a pending restart, and workers that end while the
+        service stops stay ended."""
+        self.die(after=1.0)
+        self.assertEqual(len(self.reactor.getDelayedCalls()), 1)
+        self.service.stopService()
+        self.assertEqual(
+            [call for call in self.reactor.getDelayedCalls() if call.active()], []
+        )
+        self.reactor.advance(120)
+        self.assertEqual(len(self.reactor.spawned), 1)
