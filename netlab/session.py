@@ -794,6 +794,9 @@ class SessionFactory(Factory):
     """
 
     protocol = ServerProtocol  # type: ignore[assignment]
+    # The service logs where it listens; "Starting factory <object at 0x...>"
+    # tells an operator nothing more.
+    noisy = False
 
     def __init__(
         self,

@@ -51,6 +51,10 @@ TRANSIENT_SEND_ERRORS = frozenset(
 class ChatProtocol(DatagramProtocol):
     """Feeds datagrams to the chat state machine and writes its output."""
 
+    # The service logs where it listens; "Starting protocol <object at 0x...>"
+    # tells an operator nothing more.
+    noisy = False
+
     def __init__(self, server: ChatServer, reactor: Any) -> None:
         self.server = server
         self.reactor = reactor
