@@ -64,7 +64,8 @@ def _add_keygen(subparsers: Any) -> None:
         "users file and write the same key to the client's key file (both mode "
         "0600, written atomically).",
     )
-    parser.add_argument("user", metavar="USER", help="the user name to create")
+    # Not "user": that is the global --user (whom to connect as).
+    parser.add_argument("new_user", metavar="USER", help="the user name to create")
     parser.add_argument(
         "--users-file",
         metavar="FILE",

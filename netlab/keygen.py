@@ -31,11 +31,11 @@ async def keygen(context: Any) -> int:
         raise UsageError(f'key file "{key_path}" exists; pass --force to replace it')
     key = generate_key()
     try:
-        add_user(users_path, args.user, key, replace=args.force)
+        add_user(users_path, args.new_user, key, replace=args.force)
         write_private(key_path, encode_key(key) + "\n")
     except KeyFileError as error:
         raise UsageError(str(error)) from None
     sys.stdout.write(
-        f'added user {args.user} to "{users_path}"; key written to "{key_path}"\n'
+        f'added user {args.new_user} to "{users_path}"; key written to "{key_path}"\n'
     )
     return 0

@@ -142,6 +142,12 @@ class HandlerTests(TestCase):
             else:
                 self.assertIsNone(prepare, name)
 
+    def test_keygen_user_is_not_the_global_user(self) -> None:
+        """keygen's USER (whom to create) does not overwrite --user (whom to
+        connect as)."""
+        args = cli.build_parser().parse_args(["--user", "bob", "keygen", "ann"])
+        self.assertEqual((args.user, args.new_user), ("bob", "ann"))
+
     def test_resolve(self) -> None:
         """resolve imports "module:name" and returns the attribute; a wrong
         name fails loudly."""
