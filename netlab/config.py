@@ -620,7 +620,9 @@ class TLSSection:
     certificate: Path | None = setting(
         None,
         FileSystemPath(),
-        "PEM certificate (chain) the TCP services present on ssl: endpoints.",
+        "PEM certificate the TCP services present on ssl: endpoints, followed "
+        "by the intermediate certificates clients need to verify it (a "
+        "fullchain file, as certbot writes); all of them are presented.",
     )
     private_key: Path | None = setting(
         None, FileSystemPath(), "PEM private key of that certificate."

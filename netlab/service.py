@@ -39,7 +39,7 @@ from netlab.systemd import (
     check_stream_socket,
     inherited_socket,
 )
-from netlab.tls import TLSListeningReactor
+from netlab.tls import TLSListeningReactor, certificate_count
 
 log = Logger(namespace="netlab")
 
@@ -187,6 +187,13 @@ class StreamListeningService(ListeningService):
                 )
             description += f":privateKey={_escape(str(tls.private_key))}"
             description += f":certKey={_escape(str(tls.certificate))}"
+            # Twisted takes only the first certificate of certKey; the rest of
+            # a fullchain file (the intermediates clients need to verify the
+            # server) must come as extraCertChain.
+            if "extraCertChain" not in options and (
+                certificate_count(tls.certificate) > 1
+            ):
+                description += f":extraCertChain={_escape(str(tls.certificate))}"
         return description
 
     def listen(self) -> IListeningPort:

@@ -49,6 +49,7 @@ wrap their TCP endpoint with :func:`connect_tls`.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import OpenSSL.SSL
@@ -333,12 +334,27 @@ class _ServerConnections:
         return Connection(self.context, None)
 
 
+def certificate_count(path: Path) -> int:
+    """How many PEM certificates the file at ``path`` holds."""
+    return path.read_bytes().count(b"-----BEGIN CERTIFICATE-----")
+
+
 def server_connection_creator(context_factory: Any) -> _ServerConnections:
     """Connections from ``context_factory``'s context, preferring AES-128-GCM.
 
     ``context_factory`` is what Twisted's ``ssl:`` endpoint parser built
     (``CertificateOptions``: certificate, key, chain, DH and cipher options).
+    A chain read from the certificate file itself (``extraCertChain`` naming
+    a fullchain file) starts with the server's own certificate: that one is
+    dropped from the chain, so the server presents it once.
     """
+    leaf = getattr(context_factory, "certificate", None)
+    chain = getattr(context_factory, "extraCertChain", None)
+    if leaf is not None and chain:
+        own = leaf.to_cryptography()
+        context_factory.extraCertChain = [
+            cert for cert in chain if cert.to_cryptography() != own
+        ]
     context = context_factory.getContext()
     context.set_tls13_ciphersuites(TLS13_CIPHERSUITES)
     return _ServerConnections(context)

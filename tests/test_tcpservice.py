@@ -149,6 +149,42 @@ class TLSTests(ServiceTestCase):
 
         return ensureDeferred(scenario())
 
+    def test_certificate_chain_is_presented(self) -> None:
+        """A certificate issued by an intermediate CA, configured as a
+        fullchain file (leaf, then intermediate), verifies for a client that
+        trusts only the root: the service presents the intermediate too, and
+        the leaf only once."""
+        intermediate = CertificateAuthority("netlab intermediate", parent=self.ca)
+        certificate, key = intermediate.issue(self.directory, ["127.0.0.1"], "leaf")
+        config = make_config(
+            self.directory,
+            "ssl:0:interface=127.0.0.1",
+            tls={
+                "certificate": str(certificate),
+                "private_key": str(key),
+                "ca_file": str(self.ca_file),
+            },
+        )
+        check_tls_files(config)
+        service = self.start(config)
+
+        async def scenario() -> None:
+            session = await connect(
+                config,
+                reactor=reactor,
+                server=self.address(service),
+                identity=Identity("alice", KEY),
+            )
+            chain = session.transport.getHandle().get_peer_cert_chain()
+            self.assertEqual(
+                [cert.to_cryptography().subject.rfc4514_string() for cert in chain],
+                ["CN=127.0.0.1", "CN=netlab intermediate"],
+            )
+            self.assertEqual((await session.request("echo"))["op"], "echoed")
+            await session.close()
+
+        return ensureDeferred(scenario())
+
     def test_tls_session_uses_bulk_transport_and_aes128(self) -> None:
         """Both ends run netlab's bulk TLS transport over TLS 1.3 AES-128-GCM."""
         service, config = self.serve(["127.0.0.1"])

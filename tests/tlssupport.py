@@ -25,15 +25,24 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 class CertificateAuthority:
-    """A CA that signs server certificates for chosen names."""
+    """A CA that signs server certificates for chosen names.
 
-    def __init__(self, name: str = "netlab test CA") -> None:
+    With ``parent``, an intermediate CA signed by that one: the certificates
+    it issues are written followed by the intermediates above them (a
+    "fullchain" file, as certbot writes it).
+    """
+
+    def __init__(
+        self, name: str = "netlab test CA", parent: CertificateAuthority | None = None
+    ) -> None:
         self.key = ec.generate_private_key(ec.SECP256R1())
+        #: The intermediate certificates from this CA up to the root's child.
+        self.chain: list[x509.Certificate] = []
         now = datetime.datetime.now(datetime.timezone.utc)
         self.certificate = (
             x509.CertificateBuilder()
             .subject_name(_name(name))
-            .issuer_name(_name(name))
+            .issuer_name(parent.certificate.subject if parent else _name(name))
             .public_key(self.key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(hours=1))
@@ -55,8 +64,10 @@ class CertificateAuthority:
                 ),
                 critical=True,
             )
-            .sign(self.key, hashes.SHA256())
+            .sign(parent.key if parent else self.key, hashes.SHA256())
         )
+        if parent is not None:
+            self.chain = [self.certificate, *parent.chain]
 
     def write_ca(self, path: Path) -> Path:
         path.write_bytes(self.certificate.public_bytes(serialization.Encoding.PEM))
@@ -91,7 +102,10 @@ class CertificateAuthority:
         certificate_path = directory / f"{stem}.pem"
         key_path = directory / f"{stem}.key"
         certificate_path.write_bytes(
-            certificate.public_bytes(serialization.Encoding.PEM)
+            b"".join(
+                cert.public_bytes(serialization.Encoding.PEM)
+                for cert in [certificate, *self.chain]
+            )
         )
         key_path.write_bytes(_pem_key(key))
         key_path.chmod(0o600)
