@@ -18,6 +18,11 @@ fsync to the disk here alone takes about 2 s.  Each figure is the median of
 (VmHWM) is reported per netlab daemon, and a last test runs 20 concurrent
 50 MiB gets and 20 concurrent puts, each verified.
 
+After the targets it prints the ceiling SHA-256 puts on ``put`` here: the
+two hash passes a put needs in sequence (the client's before its first byte,
+the server's before the rename), timed on this run's own file hashes, plus
+the median time of a 1-byte put.
+
 ``--quick`` (for CI) uses 32 MiB, one repeat, 4 concurrent 4 MiB transfers,
 and skips reference tools that are not installed.
 """
@@ -225,12 +230,23 @@ class Bench:
         shutil.copyfile(self.source, self.upload)
         for path in (self.source, self.upload):
             path.chmod(0o644)
-        self.digest = sha256_of(self.source)
+        #: Seconds each SHA-256 of a whole file took here (source, copies).
+        self.hash_seconds: list[float] = []
+        #: Median seconds of a 1-byte netlab put over TCP, once measured.
+        self.put_fixed_seconds: float | None = None
+        self.digest = self.hash(self.source)
         self.rows: list[Row] = []
         self.notes: list[str] = []
 
+    def hash(self, path: Path) -> str:
+        """SHA-256 of ``path``, timed (the fastest tells what hashing costs here)."""
+        started = time.perf_counter()
+        digest = sha256_of(path)
+        self.hash_seconds.append(time.perf_counter() - started)
+        return digest
+
     def verify(self, path: Path) -> None:
-        if sha256_of(path) != self.digest:
+        if self.hash(path) != self.digest:
             raise RuntimeError(f"{path} does not match the source")
 
     def measure(
@@ -332,8 +348,21 @@ class Bench:
                 daemon.process.pid,
             )
             peak = daemon.peak_rss_mib
+            if not tls:
+                self.put_fixed_seconds = self.tiny_puts(daemon)
         self.notes.append(f"{label} daemon peak RSS (VmHWM): {peak:.0f} MiB")
         return peak
+
+    def tiny_puts(self, daemon: NetlabDaemon) -> float:
+        """Median seconds of a 1-byte put: what any put costs besides its bytes."""
+        tiny = self.local / "tiny.bin"
+        tiny.write_bytes(b"x")
+        seconds = []
+        for index in range(max(self.repeat, 3)):
+            seconds.append(
+                timed(daemon.client("put", "-q", str(tiny), f"tiny-{index}.bin"))
+            )
+        return statistics.median(seconds)
 
     def rsyncd(self) -> None:
         try:
@@ -507,6 +536,22 @@ def targets(bench: Bench) -> list[str]:
         "netlab TCP get vs rsyncd get", ("netlab TCP", "get"), ("rsyncd", "get"), 1.0
     )
     compare("netlab TCP put vs scp put", ("netlab TCP", "put"), ("scp", "put"), 2.0)
+    if ("scp", "put") in rate and bench.put_fixed_seconds is not None:
+        # A put hashes the file on the client before its first byte and on
+        # the server as it arrives: two SHA-256 passes that cannot overlap.
+        # Its fixed cost (start-up, connection, fsync, rename) overlaps the
+        # client's hash only in part, so the ceiling lies between these two.
+        hashing = 2 * min(bench.hash_seconds)
+        best = bench.size / hashing / 1e6
+        likely = bench.size / (hashing + bench.put_fixed_seconds) / 1e6
+        scp = rate["scp", "put"]
+        checks.append(
+            f"verified put ceiling here: two SHA-256 passes in sequence "
+            f"({hashing:.2f} s at this run's fastest file hash) and a 1-byte "
+            f"put's {bench.put_fixed_seconds:.2f} s allow {likely:.0f}-{best:.0f} "
+            f"MB/s, {likely / scp:.2f}-{best / scp:.2f}x scp put, "
+            "with every other cost at zero"
+        )
     compare(
         "netlab TLS get vs sftp aes128-gcm get",
         ("netlab TLS", "get"),
