@@ -122,7 +122,8 @@ def service_address(
 
     ``server`` (``--server``) is ``HOST``, ``HOST:PORT`` or ``[IPV6]:PORT``;
     the port otherwise comes from the service's endpoint in the configuration,
-    and TLS is used when that endpoint is ``ssl:``.
+    and TLS is used when that endpoint is ``ssl:`` (or ``systemd:`` with
+    ``tls=yes``).
     """
     address = config.listen_address(service)
     host = server or config.client.server
@@ -139,21 +140,20 @@ def service_address(
             f"[{service}] endpoint {address.description!r} names no port to connect "
             "to; give one with --server HOST:PORT"
         )
-    return host, port, address.kind == "ssl"
+    return host, port, address.tls
 
 
 def tls_options(config: NetlabConfig, host: str) -> Any:
     """TLS options that verify ``host`` against ``[tls] ca_file`` (or the system)."""
     from twisted.internet import ssl
 
+    from netlab.tls import pem_certificates
+
     ca_file = config.tls.ca_file
     if ca_file is None:
         trust = ssl.platformTrust()
     else:
-        pem = ca_file.read_bytes()
-        blocks = re.findall(
-            rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", pem, re.S
-        )
+        blocks = pem_certificates(ca_file)
         if not blocks:
             raise ConfigError(
                 f'"{ca_file}" holds no PEM certificate', section="tls", key="ca_file"

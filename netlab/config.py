@@ -393,6 +393,11 @@ class ListenAddress:
         )
 
     @property
+    def tls(self) -> bool:
+        """Whether clients speak TLS to it (``ssl:``, or ``systemd:`` with tls=yes)."""
+        return self.kind == "ssl" or self.options.get("tls") == "yes"
+
+    @property
     def is_loopback(self) -> bool:
         """Whether the socket is reachable only from this host."""
         if self.kind == "systemd" or self.interface in (None, ""):
@@ -442,6 +447,16 @@ def parse_listen_address(description: str, kinds: Sequence[str]) -> ListenAddres
     kind = positional[0] if positional else ""
     if kind not in kinds:
         raise Invalid(f"{_describe(description)} does not start with a known type")
+    if "tls" in keyword:
+        # netlab's own option, not Twisted's: only a TCP socket that systemd
+        # passes needs it (a port says TLS with ssl:).
+        if kind != "systemd" or "domain" not in keyword:
+            raise Invalid(
+                f"{_describe(description)}: tls= is for systemd:domain=... "
+                "(TCP) endpoints; for TLS on a port use ssl:PORT"
+            )
+        if keyword["tls"] not in ("yes", "no"):
+            raise Invalid(f"{_describe(description)}: tls= must be yes or no")
     if kind == "systemd":
         name = keyword.get("name", "")
         if not name:
@@ -471,7 +486,7 @@ class StreamEndpoint(Kind[str]):
 
     form: str = (
         'an endpoint string: "tcp:PORT:interface=ADDRESS", "ssl:PORT:interface=ADDRESS"'
-        ' or "systemd:domain=INET:name=NAME"'
+        ' or "systemd:domain=INET:name=NAME" (add ":tls=yes" for TLS)'
     )
     kinds: ClassVar[tuple[str, ...]] = ("tcp", "ssl", "systemd")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import socket
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -30,7 +31,7 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 from zope.interface import Attribute, implementer
 
-from netlab.config import NetlabConfig, split_endpoint
+from netlab.config import NetlabConfig
 from netlab.errors import ConfigError
 from netlab.logs import NetlabLogObserver
 from netlab.systemd import (
@@ -39,7 +40,12 @@ from netlab.systemd import (
     check_stream_socket,
     inherited_socket,
 )
-from netlab.tls import TLSListeningReactor, certificate_count
+from netlab.tls import (
+    BulkTLSFactory,
+    TLSListeningReactor,
+    server_connection_creator,
+    server_tls_options,
+)
 
 log = Logger(namespace="netlab")
 
@@ -174,28 +180,6 @@ class StreamListeningService(ListeningService):
         """The protocol factory for incoming connections."""
         raise NotImplementedError
 
-    def endpoint_description(self) -> str:
-        """The endpoint string, with ``[tls]`` paths filled in for ``ssl:``."""
-        description: str = self.section.endpoint
-        _, options = split_endpoint(description)
-        if description.startswith("ssl:") and "privateKey" not in options:
-            tls = self.config.tls
-            if tls.certificate is None or tls.private_key is None:
-                raise ServiceStartError(
-                    f"[{self.name}] endpoint is ssl: but [tls] certificate and "
-                    "private_key are not set"
-                )
-            description += f":privateKey={_escape(str(tls.private_key))}"
-            description += f":certKey={_escape(str(tls.certificate))}"
-            # Twisted takes only the first certificate of certKey; the rest of
-            # a fullchain file (the intermediates clients need to verify the
-            # server) must come as extraCertChain.
-            if "extraCertChain" not in options and (
-                certificate_count(tls.certificate) > 1
-            ):
-                description += f":extraCertChain={_escape(str(tls.certificate))}"
-        return description
-
     def listen(self) -> IListeningPort:
         address = self.config.listen_address(self.section_name)
         if address.kind == "systemd":
@@ -204,16 +188,41 @@ class StreamListeningService(ListeningService):
                 check_stream_socket(address.name, address.options["domain"])
             except ActivationError as error:
                 raise ServiceStartError(f"[{self.name}] {error}") from None
-        # ssl: endpoints listen through TLSListeningReactor, which serves them
-        # with netlab's bulk TLS transport (see netlab.tls).
-        reactor = (
-            TLSListeningReactor(self.reactor) if address.kind == "ssl" else self.reactor
-        )
+        description: str = self.section.endpoint
+        factory = self.factory()
+        reactor = self.reactor
+        if address.tls and "privateKey" not in address.options:
+            # TLS with [tls]'s certificate: Twisted listens (on a port or
+            # systemd's socket) and netlab's bulk TLS transport wraps each
+            # connection (see netlab.tls).
+            tls = self.config.tls
+            if tls.certificate is None or tls.private_key is None:
+                raise ServiceStartError(
+                    f"[{self.name}] endpoint uses TLS but [tls] certificate and "
+                    "private_key are not set"
+                )
+            try:
+                options = server_tls_options(tls.certificate, tls.private_key)
+            except (OSError, ValueError) as error:
+                raise ServiceStartError(f"[{self.name}] [tls]: {error}") from None
+            factory = BulkTLSFactory(
+                server_connection_creator(options), False, factory, clock=reactor
+            )
+            description = (
+                "tcp" + description[len("ssl") :]
+                if address.kind == "ssl"
+                else _NETLAB_TLS_OPTION.sub("", description)
+            )
+        elif address.kind == "ssl":
+            # An ssl: endpoint naming its own key and certificate: Twisted
+            # parses them, and TLSListeningReactor serves them with netlab's
+            # bulk TLS transport.
+            reactor = TLSListeningReactor(self.reactor)
         try:
-            endpoint = serverFromString(reactor, self.endpoint_description())
+            endpoint = serverFromString(reactor, description)
         except (ValueError, OSError) as error:
             raise ServiceStartError(f"[{self.name}] endpoint: {error}") from None
-        listening = endpoint.listen(self.factory())
+        listening = endpoint.listen(factory)
         ports: list[IListeningPort] = []
         failures: list[Any] = []
         listening.addCallbacks(ports.append, failures.append)
@@ -258,9 +267,8 @@ class DatagramListeningService(ListeningService):
             raise ServiceStartError(f"[{self.name}] {error}") from None
 
 
-def _escape(path: str) -> str:
-    """Escape a path for use inside a Twisted endpoint string."""
-    return path.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
+#: netlab's own option on systemd: stream endpoints, unknown to Twisted.
+_NETLAB_TLS_OPTION = re.compile(r":tls=(?:yes|no)(?=:|$)")
 
 
 #: Builders of the services, by name.  ``None``: known to the configuration

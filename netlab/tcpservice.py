@@ -39,19 +39,25 @@ def load_users_for(config: NetlabConfig) -> Users:
 
 
 def check_tls_files(config: NetlabConfig) -> None:
-    """Refuse (at daemon start-up) an ``ssl:`` service without a certificate and key.
+    """Refuse (at daemon start-up) a TLS service without a certificate and key.
 
     Only the daemon runs this: a client shares the file but holds no key.
     """
     for name in config.enabled_services():
         address = config.listen_address(name)
-        if address.kind != "ssl" or "privateKey" in address.options:
+        if not address.tls or "privateKey" in address.options:
             continue
         for key in ("certificate", "private_key"):
             if getattr(config.tls, key) is None:
+                kind = "an ssl:" if address.kind == "ssl" else "a tls=yes"
                 raise ConfigError(
-                    f"[{name}] endpoint is an ssl: endpoint, so set [tls] certificate "
-                    "and private_key (or privateKey= and certKey= in the endpoint)",
+                    f"[{name}] endpoint is {kind} endpoint, so set [tls] certificate "
+                    "and private_key"
+                    + (
+                        " (or privateKey= and certKey= in the endpoint)"
+                        if address.kind == "ssl"
+                        else ""
+                    ),
                     path=str(config.path) if config.path else None,
                     section="tls",
                     key=key,

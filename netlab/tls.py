@@ -38,16 +38,19 @@ consumes_writes`), and a receiver that takes views gets the decryption
 buffer itself.  Together, on a 1 GiB get here, that took the sender's event
 loop from 0.71-0.75 to 0.55-0.62 CPU-s and the receiver's by about 0.1 CPU-s.
 
-:class:`BulkTLSFactory` builds those protocols.  Servers get them through
-:class:`TLSListeningReactor` (handed to ``serverFromString`` for ``ssl:``
-endpoints, so Twisted still parses the endpoint and loads the certificate);
-:func:`server_connection_creator` also puts ``TLS_AES_128_GCM_SHA256`` first
-in the server's TLS 1.3 preference, the fastest suite with AES-NI.  Clients
-wrap their TCP endpoint with :func:`connect_tls`.
+:class:`BulkTLSFactory` builds those protocols.  A server using ``[tls]``'s
+certificate (an ``ssl:`` endpoint, or a socket systemd passes with
+``tls=yes``) wraps its factory in one, with :func:`server_tls_options`; an
+``ssl:`` endpoint that names its own key and certificate listens through
+:class:`TLSListeningReactor` instead, so Twisted parses those options.
+:func:`server_connection_creator` puts ``TLS_AES_128_GCM_SHA256`` first in
+the server's TLS 1.3 preference, the fastest suite with AES-NI.  Clients wrap
+their TCP endpoint with :func:`connect_tls`.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -62,6 +65,7 @@ from twisted.internet.interfaces import (
     IProtocolFactory,
     IStreamClientEndpoint,
 )
+from twisted.internet.ssl import Certificate, CertificateOptions, PrivateCertificate
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import (
     BufferingTLSTransport,
@@ -334,27 +338,43 @@ class _ServerConnections:
         return Connection(self.context, None)
 
 
-def certificate_count(path: Path) -> int:
-    """How many PEM certificates the file at ``path`` holds."""
-    return path.read_bytes().count(b"-----BEGIN CERTIFICATE-----")
+_PEM_CERTIFICATE = re.compile(
+    rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S
+)
+
+
+def pem_certificates(path: Path) -> list[bytes]:
+    """The PEM certificates in the file at ``path``, in order."""
+    blocks: list[bytes] = _PEM_CERTIFICATE.findall(path.read_bytes())
+    return blocks
+
+
+def server_tls_options(certificate: Path, private_key: Path) -> CertificateOptions:
+    """What a server presents: the first certificate of ``certificate`` with
+    ``private_key``, then the rest of that file (a fullchain file's
+    intermediates, which clients need to verify it).
+
+    (Twisted's ``ssl:`` endpoint would take only the first certificate of a
+    fullchain file unless its chain were named again as ``extraCertChain``.)
+    """
+    blocks = pem_certificates(certificate)
+    if not blocks:
+        raise ValueError(f'"{certificate}" holds no PEM certificate')
+    own = PrivateCertificate.loadPEM(blocks[0] + b"\n" + private_key.read_bytes())
+    return CertificateOptions(
+        privateKey=own.privateKey.original,
+        certificate=own.original,
+        extraCertChain=[Certificate.loadPEM(block).original for block in blocks[1:]],
+    )
 
 
 def server_connection_creator(context_factory: Any) -> _ServerConnections:
     """Connections from ``context_factory``'s context, preferring AES-128-GCM.
 
-    ``context_factory`` is what Twisted's ``ssl:`` endpoint parser built
-    (``CertificateOptions``: certificate, key, chain, DH and cipher options).
-    A chain read from the certificate file itself (``extraCertChain`` naming
-    a fullchain file) starts with the server's own certificate: that one is
-    dropped from the chain, so the server presents it once.
+    ``context_factory`` is a ``CertificateOptions`` (certificate, key,
+    chain, DH and cipher options): :func:`server_tls_options`, or what
+    Twisted's ``ssl:`` endpoint parser built from the endpoint's own options.
     """
-    leaf = getattr(context_factory, "certificate", None)
-    chain = getattr(context_factory, "extraCertChain", None)
-    if leaf is not None and chain:
-        own = leaf.to_cryptography()
-        context_factory.extraCertChain = [
-            cert for cert in chain if cert.to_cryptography() != own
-        ]
     context = context_factory.getContext()
     context.set_tls13_ciphersuites(TLS13_CIPHERSUITES)
     return _ServerConnections(context)

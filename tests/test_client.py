@@ -203,6 +203,27 @@ class IdentityTests(TestCase):
         self.assertEqual(service_address(config, "file", "[::1]:9"), ("::1", 9, False))
         self.assertEqual(service_address(config, "file", "[::1]"), ("::1", 8021, False))
 
+    def test_tls_from_the_endpoint(self) -> None:
+        """TLS is used for ssl: endpoints and for systemd sockets marked
+        tls=yes (whose port comes from --server)."""
+        for endpoint, server, expected in (
+            ("ssl:8021:interface=127.0.0.1", None, ("127.0.0.1", 8021, True)),
+            (
+                "systemd:domain=INET:name=netlab-file:tls=yes",
+                "127.0.0.1:9021",
+                ("127.0.0.1", 9021, True),
+            ),
+            (
+                "systemd:domain=INET:name=netlab-file",
+                "127.0.0.1:9021",
+                ("127.0.0.1", 9021, False),
+            ),
+        ):
+            config = from_mapping(
+                {"file": {"endpoint": endpoint}}, base_directory=Path.cwd()
+            )
+            self.assertEqual(service_address(config, "file", server), expected)
+
 
 class ClientProtocolTests(TestCase):
     """The client's protocol over a StringTransport: handshake, back-pressure."""

@@ -173,6 +173,13 @@ class LoadErrorTests(TestCase):
             ('[time]\nendpoint = "tcp:8123"\n', "known type"),
             ('[file]\nendpoint = "systemd:name=x"\n', "domain="),
             ('[time]\nendpoint = "systemd:domain=INET"\n', "name=NAME"),
+            ('[file]\nendpoint = "tcp:8021:tls=yes"\n', "use ssl:PORT"),
+            ('[file]\nendpoint = "ssl:8021:tls=yes"\n', "use ssl:PORT"),
+            ('[time]\nendpoint = "systemd:name=t:tls=yes"\n', "tls= is for"),
+            (
+                '[file]\nendpoint = "systemd:domain=INET:name=f:tls=maybe"\n',
+                "yes or no",
+            ),
         ]:
             message = self.assertRefused(text, fragment, "expected an endpoint string")
             self.assertIn("endpoint:", message)
@@ -243,6 +250,21 @@ class KindTests(TestCase):
         )
         self.assertEqual(address.options["privateKey"], "/k:ey.pem")
         self.assertEqual(address.port, 8021)
+
+    def test_tls_on_a_systemd_socket(self) -> None:
+        """tls=yes marks a TCP socket systemd passes as TLS; ssl: is always
+        TLS, tcp: and tls=no never."""
+        cases = [
+            ("systemd:domain=INET:name=netlab-file:tls=yes", True),
+            ("systemd:domain=INET:tls=yes:name=netlab-file", True),
+            ("systemd:domain=INET:name=netlab-file:tls=no", False),
+            ("systemd:domain=INET:name=netlab-file", False),
+            ("ssl:8021", True),
+            ("tcp:8021", False),
+        ]
+        for description, tls in cases:
+            address = parse_listen_address(description, ("tcp", "ssl", "systemd"))
+            self.assertEqual(address.tls, tls, description)
 
     def test_overlap_rules(self) -> None:
         """Wildcard interfaces overlap everything; port 0 and systemd never do."""

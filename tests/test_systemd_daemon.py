@@ -31,6 +31,7 @@ from tests.support import (
     write_config,
 )
 from tests.test_systemd import notify_listener
+from tests.tlssupport import CertificateAuthority
 
 #: How a daemon that stopped cleanly on SIGTERM exits (netlab.lifecycle
 #: stops the reactor itself, so twistd does not re-raise the signal).
@@ -287,6 +288,57 @@ class ServiceDaemonTests(TestCase):
         self.assertIn(
             "hello.txt", self.client("ls", file_port=file_port, time_port=time_port)
         )
+        self.assertIn(daemon.stop(), CLEAN_STOP, daemon.log)
+
+    def test_socket_activation_with_tls(self) -> None:
+        """A TCP socket systemd passes serves TLS with tls=yes: a client whose
+        configuration names that endpoint speaks TLS, verifies the server
+        against the root of its fullchain certificate and lists the root; a
+        client speaking plain TCP to it is refused (exit 4) and the daemon
+        goes on serving."""
+        require("systemd-socket-activate")
+        root = CertificateAuthority()
+        intermediate = CertificateAuthority("netlab intermediate", parent=root)
+        certificate, key = intermediate.issue(self.directory, ["127.0.0.1"])
+        ca_file = root.write_ca(self.directory / "ca.pem")
+        tls = (
+            f'[tls]\ncertificate = "{certificate}"\nprivate_key = "{key}"\n'
+            f'ca_file = "{ca_file}"\n'
+        )
+        port = free_port()
+        config = write_config(
+            self.directory,
+            SERVICES.format(
+                file="systemd:domain=INET:name=netlab-file:tls=yes",
+                time="udp:0:interface=127.0.0.1",
+                root=self.root,
+            )
+            + tls,
+        )
+        wrapper = (
+            "systemd-socket-activate",
+            f"--listen=127.0.0.1:{port}",
+            "--fdname=netlab-file",
+        )
+        daemon = Daemon(self, config, wrapper=wrapper)
+        daemon.wait_for(rf"Listening on 127\.0\.0\.1:{port} as 3")
+        server = ("--server", f"127.0.0.1:{port}")
+        listing = run_netlab("--config", str(config), *server, "ls")
+        self.assertEqual(listing.returncode, 0, listing.stderr + daemon.log)
+        self.assertIn("hello.txt", listing.stdout)
+        plain = write_config(
+            self.directory,
+            SERVICES.format(
+                file=f"tcp:{port}:interface=127.0.0.1",
+                time="udp:0:interface=127.0.0.1",
+                root=self.root,
+            ),
+            name="plain.toml",
+        )
+        refused = run_netlab("--config", str(plain), "ls")
+        self.assertEqual(refused.returncode, 4, refused.stderr)
+        again = run_netlab("--config", str(config), *server, "ls")
+        self.assertIn("hello.txt", again.stdout)
         self.assertIn(daemon.stop(), CLEAN_STOP, daemon.log)
 
     def test_missing_socket_is_a_start_up_error(self) -> None:

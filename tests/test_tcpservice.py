@@ -103,11 +103,17 @@ class StartupTests(ServiceTestCase):
             self.assertEqual(bool(warnings), warned, endpoint)
 
     def test_ssl_without_certificate_is_config_error(self) -> None:
-        """An ssl: endpoint without [tls] certificate and key is refused at load."""
-        config = make_config(self.directory, "ssl:0:interface=127.0.0.1")
-        with self.assertRaises(ConfigError) as caught:
-            check_tls_files(config)
-        self.assertIn("[tls] certificate", str(caught.exception))
+        """An ssl: endpoint, or a systemd socket with tls=yes, without [tls]
+        certificate and key is refused at load."""
+        for endpoint, kind in (
+            ("ssl:0:interface=127.0.0.1", "an ssl: endpoint"),
+            ("systemd:domain=INET:name=netlab-file:tls=yes", "a tls=yes endpoint"),
+        ):
+            config = make_config(self.directory, endpoint)
+            with self.assertRaises(ConfigError) as caught:
+                check_tls_files(config)
+            self.assertIn(kind, str(caught.exception))
+            self.assertIn("[tls] certificate", str(caught.exception))
 
 
 class TLSTests(ServiceTestCase):
@@ -180,6 +186,31 @@ class TLSTests(ServiceTestCase):
                 [cert.to_cryptography().subject.rfc4514_string() for cert in chain],
                 ["CN=127.0.0.1", "CN=netlab intermediate"],
             )
+            self.assertEqual((await session.request("echo"))["op"], "echoed")
+            await session.close()
+
+        return ensureDeferred(scenario())
+
+    def test_endpoint_naming_its_own_key(self) -> None:
+        """An ssl: endpoint with privateKey= and certKey= of its own needs no
+        [tls] certificate, and serves netlab's bulk TLS transport too."""
+        certificate, key = self.ca.issue(self.directory, ["127.0.0.1"])
+        config = make_config(
+            self.directory,
+            f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={certificate}",
+            tls={"ca_file": str(self.ca_file)},
+        )
+        check_tls_files(config)
+        service = self.start(config)
+
+        async def scenario() -> None:
+            session = await connect(
+                config,
+                reactor=reactor,
+                server=self.address(service),
+                identity=Identity("alice", KEY),
+            )
+            self.assertIsInstance(session.transport, BulkTLSProtocol)
             self.assertEqual((await session.request("echo"))["op"], "echoed")
             await session.close()
 
