@@ -107,11 +107,17 @@ class LossyDeliveryTests(TestCase):
         network.run(20)
         self.assertTrue(all(c.joined for c in network.clients.values()))
         said = []
+        whispered: dict[str, list[str]] = {nick: [] for nick in shown}
+        clients = list(network.clients.values())
         for number in range(20):
-            for client in network.clients.values():
+            for index, client in enumerate(clients):
                 text = f"{client.nick} says {number}"
                 client.say(text)
                 said.append(text)
+                to = clients[(index + 1) % len(clients)].nick
+                whisper = f"{client.nick} whispers {number}"
+                client.private(to, whisper)
+                whispered[to].append(whisper)
             network.run(0.5)
         network.run(20)
         in_room = room_messages(server)
@@ -119,12 +125,22 @@ class LossyDeliveryTests(TestCase):
         for nick, items in shown.items():
             messages = [(i.nick, i.text) for i in items if i.kind == "msg"]
             self.assertEqual(messages, in_room, nick)
+        for address, client in network.clients.items():
+            # Every private message shows once, in the order the server
+            # numbered them for their recipient.
+            numbered = [
+                json.loads(line)["text"]
+                for line in server.sessions[address].privates.values()
+            ]
+            self.assertEqual(sorted(numbered), sorted(whispered[client.nick]))
+            privates = [i.text for i in shown[client.nick] if i.kind == "private"]
+            self.assertEqual(privates, numbered, client.nick)
         for client in network.clients.values():
             self.assertEqual(client.outstanding, {})
 
     def test_lost_duplicated_reordered(self) -> None:
-        """With 20% loss, 20% duplicates and reordering, every message shows once, in
-        order.
+        """With 20% loss, 20% duplicates and reordering, every room and private
+        message shows once, in order.
         """
         self.conversation(1, loss=0.2, duplicate=0.2, delay=0.3)
 
@@ -204,6 +220,59 @@ class ClientBehaviourTests(TestCase):
         self.client.receive(b'{"type":"pong","room":"lobby","seq":3}\n')
         self.assertEqual(
             self.sent[-1], {"type": "resend", "from": 1, "to": 3, "token": "T"}
+        )
+
+    def test_private_gaps_repaired_and_reported(self) -> None:
+        """Privates are shown once, in their numbers' order: an early one
+        waits while the missing one is asked for, a duplicate is dropped, a
+        lost last one is found from the keepalive answer, and ones the server
+        no longer keeps are reported."""
+        self.welcome()
+        self.client.receive(b'{"type":"private","pseq":2,"from":"ann","text":"two"}\n')
+        self.assertEqual(
+            self.sent[-1], {"type": "resend-private", "from": 1, "to": 1, "token": "T"}
+        )
+        self.client.receive(
+            b'{"type":"private","pseq":1,"from":"ann","text":"one"}\n'
+            b'{"type":"private","pseq":2,"from":"ann","text":"two"}\n'
+        )
+        self.clock.advance(6)
+        self.client.receive(b'{"type":"pong","room":"lobby","seq":0,"pseq":5}\n')
+        self.assertEqual(
+            self.sent[-1], {"type": "resend-private", "from": 3, "to": 5, "token": "T"}
+        )
+        self.client.receive(
+            b'{"type":"private-gap","from":3,"to":4}\n'
+            b'{"type":"private","pseq":5,"from":"bob","text":"five"}\n'
+        )
+        self.assertEqual(
+            [(i.kind, i.text) for i in self.shown[1:]],
+            [
+                ("private", "one"),
+                ("private", "two"),
+                ("event", "(2 private messages are no longer available)"),
+                ("private", "five"),
+            ],
+        )
+
+    def test_privates_continue_across_rooms(self) -> None:
+        """Moving to another room keeps the private numbering (it is the
+        member's, not the room's); a server that does not number privates
+        still has them shown."""
+        self.welcome()
+        self.client.receive(b'{"type":"private","pseq":1,"from":"ann","text":"a"}\n')
+        self.client.change_room("kitchen")
+        self.client.receive(
+            json.dumps(
+                {"type": "welcome", "re": 2, "token": "T", "nick": "tom",
+                 "room": "kitchen", "from": 1, "seq": 0, "pseq": 1, "keepalive": 5}
+            ).encode()
+        )  # fmt: skip
+        self.client.receive(b'{"type":"private","pseq":1,"from":"ann","text":"a"}\n')
+        self.client.receive(b'{"type":"private","pseq":2,"from":"ann","text":"b"}\n')
+        self.client.receive(b'{"type":"private","from":"old","text":"c"}\n')
+        self.assertEqual(
+            [i.text for i in self.shown if i.kind == "private"], ["a", "b", "c"]
         )
 
     def test_gap_older_than_history_is_reported(self) -> None:

@@ -12,7 +12,7 @@ import json
 from twisted.trial.unittest import TestCase
 
 from netlab.auth import Users, client_proof, server_proof
-from netlab.chat.server import COOKIE_WINDOW, pack
+from netlab.chat.server import COOKIE_WINDOW, REMEMBERED_PRIVATES, pack
 from tests.chat_support import Harness, settings
 
 TOM = ("127.0.0.1", 40001)
@@ -124,8 +124,48 @@ class JSONModeTests(TestCase):
         chat.request(TOM, tom, "ping")
         self.assertEqual(
             chat.messages(TOM),
-            [{"type": "pong", "room": "lobby", "seq": chat.server.rooms["lobby"].seq}],
+            [
+                {
+                    "type": "pong",
+                    "room": "lobby",
+                    "seq": chat.server.rooms["lobby"].seq,
+                    "pseq": 0,
+                }
+            ],
         )
+
+    def test_privates_are_numbered_and_resent(self) -> None:
+        """Each member's private messages are numbered 1, 2, 3 (welcome and
+        pong say the last number); resend-private sends kept ones again and
+        reports those no longer kept as a private-gap."""
+        chat = Harness(message_burst=1000.0, source_burst=1000.0)
+        tom, ann = chat.join(TOM, "tom"), chat.join(ANN, "ann")
+        for text in ("one", "two", "three"):
+            chat.request(TOM, tom, "private", to="ann", text=text)
+        privates = [m for m in chat.messages(ANN) if m["type"] == "private"]
+        self.assertEqual([(m["pseq"], m["text"]) for m in privates], [
+            (1, "one"), (2, "two"), (3, "three")
+        ])  # fmt: skip
+        chat.request(ANN, ann, "ping")
+        self.assertEqual(chat.messages(ANN)[-1]["pseq"], 3)
+        chat.request(ANN, ann, "resend-private", **{"from": 2, "to": 9})
+        self.assertEqual([m["text"] for m in chat.messages(ANN)], ["two", "three"])
+        for number in range(REMEMBERED_PRIVATES):
+            chat.request(TOM, tom, "private", to="ann", text=f"p{number}")
+        chat.messages(ANN)
+        chat.request(ANN, ann, "resend-private", **{"from": 1, "to": 4})
+        self.assertEqual(
+            chat.messages(ANN),
+            [
+                {"type": "private-gap", "from": 1, "to": 3},
+                {"type": "private", "pseq": 4, "from": "tom", "text": "p0"},
+            ],
+        )
+        chat.request(ANN, ann, "resend-private", **{"from": 5, "to": 4})
+        self.assertEqual(chat.messages(ANN)[-1]["code"], "bad-request")
+        chat.request(ANN, ann, "join", room="kitchen")
+        [welcome] = [m for m in chat.messages(ANN) if m["type"] == "welcome"]
+        self.assertEqual(welcome["pseq"], 3 + REMEMBERED_PRIVATES)
 
     def test_private_nick_who_and_room_change(self) -> None:
         """Private messages, nick changes, who and moving rooms work and are told."""
@@ -134,7 +174,8 @@ class JSONModeTests(TestCase):
         chat.messages(TOM)
         chat.request(TOM, tom, "private", to="ANN", text="psst")
         self.assertIn(
-            {"type": "private", "from": "tom", "text": "psst"}, chat.messages(ANN)
+            {"type": "private", "pseq": 1, "from": "tom", "text": "psst"},
+            chat.messages(ANN),
         )
         chat.request(TOM, tom, "nick", nick="thomas")
         events = [m for m in chat.messages(ANN) if m["type"] == "event"]

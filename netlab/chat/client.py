@@ -7,12 +7,13 @@ It makes an unreliable network look reliable:
 
 * every request carries a message id and is retransmitted until the server
   acknowledges that id (the server ignores duplicates, so this is safe);
-* room messages carry per-room sequence numbers: duplicates are dropped,
-  early arrivals wait in a buffer, gaps are asked for again (``resend``) and
-  messages are shown exactly once, in order; a gap older than the server's
-  history is shown as such;
+* room messages carry per-room sequence numbers, and private messages
+  per-member ones (:class:`Numbered`): duplicates are dropped, early arrivals
+  wait in a buffer, gaps are asked for again (``resend``, ``resend-private``)
+  and messages are shown exactly once, in order; a gap older than what the
+  server keeps is shown as such;
 * keepalives (``ping``) keep the membership alive, and their answer names the
-  room's last sequence number, which reveals a lost *last* message.
+  last number of both, which reveals a lost *last* message.
 
 :class:`Renderer` turns what is shown into terminal lines, with a stable
 colour per nickname when colour is wanted.
@@ -25,7 +26,7 @@ import hmac
 import json
 import secrets
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import attrs
@@ -51,6 +52,77 @@ class Shown:
     text: str
     nick: str | None = None
     room: str | None = None
+
+
+@attrs.define
+class Numbered:
+    """A stream of numbered messages: each shown once and in order, whatever
+    the network loses, repeats or reorders."""
+
+    #: The request type that asks the server for missing numbers again.
+    resend: str
+    #: The next number to show; None until the server says where to start.
+    expected: int | None = None
+    #: Messages that arrived ahead of ``expected``, by number.
+    early: dict[int, dict[str, Any]] = attrs.field(factory=dict)
+    #: The highest number known to exist (from messages and keepalive answers).
+    highest_known: int = 0
+    last_request: float = -1e9
+
+    def start(self, expected: int, highest: int) -> None:
+        """Show from ``expected`` on; ``highest`` exists already."""
+        self.expected = expected
+        self.highest_known = highest
+        self._forget_before(expected)
+
+    def reset(self) -> None:
+        self.expected = None
+        self.early.clear()
+
+    def add(self, number: int, message: dict[str, Any]) -> None:
+        if self.expected is not None and number < self.expected:
+            return  # Already shown: a duplicate.
+        self.early.setdefault(number, message)
+        self.highest_known = max(self.highest_known, number)
+
+    def ready(self) -> Iterator[dict[str, Any]]:
+        """Take the messages that can be shown now, in order."""
+        while self.expected is not None and self.expected in self.early:
+            message = self.early.pop(self.expected)
+            self.expected += 1
+            yield message
+
+    def missing(
+        self, now: float, interval: float, *, urgent: bool = False
+    ) -> dict[str, Any] | None:
+        """The request for the first gap, if any (at most one per ``interval``)."""
+        if self.expected is None:
+            return None
+        last = max([self.highest_known, *self.early])
+        if last < self.expected:
+            return None
+        if not urgent and now - self.last_request < interval:
+            return None
+        first_early = min(self.early) if self.early else last + 1
+        self.last_request = now
+        return {"type": self.resend, "from": self.expected, "to": first_early - 1}
+
+    def skip(self, first: int, last: int) -> int:
+        """The server no longer has ``first``..``last``: go past them.
+
+        Returns how many of the messages still expected were lost (0 when
+        the range is not where this stream stands).
+        """
+        if self.expected is None or not first <= self.expected <= last:
+            return 0
+        lost = last - self.expected + 1
+        self.expected = last + 1
+        self._forget_before(self.expected)
+        return lost
+
+    def _forget_before(self, number: int) -> None:
+        for early in [n for n in self.early if n < number]:
+            del self.early[early]
 
 
 @attrs.define
@@ -89,11 +161,9 @@ class ChatClient:
         self.keepalive = 20.0
         self.next_id = 1
         self.outstanding: dict[int, Outstanding] = {}
-        #: The next room sequence number to show; None until welcomed.
-        self.expected: int | None = None
-        self.early: dict[int, dict[str, Any]] = {}
-        self.highest_known = 0
-        self.last_resend_request = -1e9
+        #: The room's messages and events; our private messages.
+        self.messages = Numbered("resend")
+        self.privates = Numbered("resend-private")
         self.last_sent = clock.seconds()
         #: Called with the error message when the chat cannot go on.
         self.on_failure: Callable[[str, str], None] = lambda code, message: None
@@ -109,7 +179,7 @@ class ChatClient:
 
     @property
     def joined(self) -> bool:
-        return self.token is not None and self.expected is not None
+        return self.token is not None and self.messages.expected is not None
 
     def _request(self, request: dict[str, Any]) -> int:
         message_id = self.next_id
@@ -146,8 +216,9 @@ class ChatClient:
         # One client nonce per join, so a retransmitted join (answered with
         # the same welcome) checks against the same server proof.
         self.nonce = secrets.token_bytes(NONCE_SIZE)
-        self.expected = None
-        self.early.clear()
+        # A new session: the server numbers its privates from 1 again.
+        self.messages.reset()
+        self.privates.reset()
         self._join_id = self._request(
             {"type": "join", "room": self.room, "nick": self.nick}
         )
@@ -201,24 +272,17 @@ class ChatClient:
             pending.sent_at = now
             self._transmit(pending.request)
         if self.joined:
-            self._request_missing(now)
+            self._request_missing()
             if now - self.last_sent >= self.keepalive:
                 self._transmit({"type": "ping"})
 
-    def _request_missing(self, now: float, *, urgent: bool = False) -> None:
-        assert self.expected is not None
-        last = (
-            max([self.highest_known, *self.early]) if self.early else self.highest_known
-        )
-        if last < self.expected:
-            return
-        if not urgent and now - self.last_resend_request < self.retransmit_interval:
-            return
-        first_early = min(self.early) if self.early else last + 1
-        self.last_resend_request = now
-        self._transmit(
-            {"type": "resend", "from": self.expected, "to": min(last, first_early - 1)}
-        )
+    def _request_missing(self) -> None:
+        """Ask again for what is missing from either stream."""
+        now = self.clock.seconds()
+        for stream in (self.messages, self.privates):
+            request = stream.missing(now, self.retransmit_interval)
+            if request is not None:
+                self._transmit(request)
 
     # ------------------------------------------------------------------
     # Input
@@ -247,23 +311,28 @@ class ChatClient:
         elif kind == "welcome":
             self._welcome(message)
         elif kind in ("msg", "event"):
-            self._sequenced(message)
+            if message.get("room") == self.room:
+                self._numbered(self.messages, message.get("seq"), message)
+        elif kind == "private":
+            if "pseq" in message:
+                self._numbered(self.privates, message.get("pseq"), message)
+            else:  # A server that does not number them.
+                self._show_private(message)
         elif kind == "gap":
-            self._gap(message)
+            self._gap(self.messages, message, "earlier messages")
+        elif kind == "private-gap":
+            self._gap(self.privates, message, "private messages")
         elif kind == "pong":
             if self.joined and message.get("room") == self.room:
-                self.highest_known = max(self.highest_known, int(message.get("seq", 0)))
-                self._request_missing(self.clock.seconds())
+                for stream, field in ((self.messages, "seq"), (self.privates, "pseq")):
+                    last = message.get(field, 0)
+                    if isinstance(last, int):
+                        stream.highest_known = max(stream.highest_known, last)
+                self._request_missing()
         elif kind == "ok":
             self._acknowledged(message)
         elif kind == "members":
             self._show_members(message)
-        elif kind == "private":
-            self.show(
-                Shown(
-                    "private", _clean(message.get("text")), _clean(message.get("from"))
-                )
-            )
         elif kind == "error":
             self._error(message)
 
@@ -296,16 +365,16 @@ class ChatClient:
         self.token = str(message.get("token"))
         self.nick = _clean(message.get("nick"))
         new_room = _clean(message.get("room"))
-        if self.expected is not None and new_room == self.room:
+        if self.messages.expected is not None and new_room == self.room:
             return  # A retransmitted welcome.
         if new_room != self.room:
-            self.early.clear()
+            self.messages.early.clear()
         self.room = new_room
         self.keepalive = float(message.get("keepalive", self.keepalive))
-        self.expected = int(message.get("from", 1))
-        self.highest_known = int(message.get("seq", 0))
-        for seq in [s for s in self.early if s < self.expected]:
-            del self.early[seq]
+        self.messages.start(int(message.get("from", 1)), int(message.get("seq", 0)))
+        if self.privates.expected is None:  # Privates follow us across rooms.
+            private_seq = int(message.get("pseq", 0))
+            self.privates.start(private_seq + 1, private_seq)
         self.show(Shown("event", f"you are {self.nick} in {self.room}"))
         now = self.clock.seconds()
         for pending in self.outstanding.values():
@@ -315,45 +384,36 @@ class ChatClient:
         self._deliver()
         self.on_welcome()
 
-    def _sequenced(self, message: dict[str, Any]) -> None:
-        if message.get("room") != self.room:
+    def _numbered(
+        self, stream: Numbered, number: object, message: dict[str, Any]
+    ) -> None:
+        if not isinstance(number, int):
             return
-        seq = message.get("seq")
-        if not isinstance(seq, int):
-            return
-        if self.expected is not None and seq < self.expected:
-            return  # Already shown: a duplicate.
-        self.early.setdefault(seq, message)
-        self.highest_known = max(self.highest_known, seq)
-        if self.expected is not None:
+        stream.add(number, message)
+        if stream.expected is not None:
             self._deliver()
-            if self.early:
-                self._request_missing(self.clock.seconds())
+            if stream.early:
+                self._request_missing()
 
     def _deliver(self) -> None:
-        assert self.expected is not None
-        while self.expected in self.early:
-            message = self.early.pop(self.expected)
-            self.expected += 1
+        for message in self.messages.ready():
             self._show_room(message)
+        for message in self.privates.ready():
+            self._show_private(message)
 
-    def _gap(self, message: dict[str, Any]) -> None:
+    def _gap(self, stream: Numbered, message: dict[str, Any], what: str) -> None:
         first, last = message.get("from"), message.get("to")
-        if (
-            self.expected is None
-            or not isinstance(first, int)
-            or not isinstance(last, int)
-        ):
+        if not (isinstance(first, int) and isinstance(last, int)):
             return
-        if first <= self.expected <= last:
-            lost = last - self.expected + 1
-            self.show(
-                Shown("event", f"({lost} earlier messages are no longer available)")
-            )
-            self.expected = last + 1
-            for seq in [s for s in self.early if s < self.expected]:
-                del self.early[seq]
+        lost = stream.skip(first, last)
+        if lost:
+            self.show(Shown("event", f"({lost} {what} are no longer available)"))
             self._deliver()
+
+    def _show_private(self, message: dict[str, Any]) -> None:
+        self.show(
+            Shown("private", _clean(message.get("text")), _clean(message.get("from")))
+        )
 
     def _show_room(self, message: dict[str, Any]) -> None:
         room = _clean(message.get("room"))

@@ -54,6 +54,9 @@ COOKIE_WINDOW = 60.0
 #: How many acknowledged message ids a session remembers for deduplication.
 REMEMBERED_IDS = 256
 
+#: Private messages kept per member for resending (JSON mode).
+REMEMBERED_PRIVATES = 100
+
 #: Sources with a port below this are privileged services (DNS, NTP ...), the
 #: usual victims of reflection; a chat client never uses one.
 LOWEST_SOURCE_PORT = 1024
@@ -134,6 +137,10 @@ class Session:
     server_proof: bytes | None = None
     acks: OrderedDict[int, bytes] = attrs.field(factory=OrderedDict)
     outbox: list[bytes] = attrs.field(factory=list)
+    #: The sequence number of the last private message sent to this member,
+    #: and the last few of them (JSON lines) for ``resend-private``.
+    private_seq: int = 0
+    privates: OrderedDict[int, bytes] = attrs.field(factory=OrderedDict)
 
 
 class Refusal(Exception):
@@ -154,6 +161,14 @@ class Refusal(Exception):
                 "message": self.message,
             }
         )
+
+
+def _resend_range(request: dict[str, Any]) -> tuple[int, int]:
+    """The ``from``/``to`` of a resend request, checked."""
+    first, last = request.get("from"), request.get("to")
+    if not (isinstance(first, int) and isinstance(last, int)) or first > last:
+        raise Refusal("bad-request", 'resend needs integers "from" <= "to"')
+    return first, last
 
 
 #: One encoder for every line: json.dumps with options builds a new one per call.
@@ -564,13 +579,18 @@ class ChatServer:
 
     def _json_ping(self, session: Session, request: dict[str, Any]) -> bytes:
         room = self._room_of(session)
-        return encode({"type": "pong", "room": room.name, "seq": room.seq})
+        return encode(
+            {
+                "type": "pong",
+                "room": room.name,
+                "seq": room.seq,
+                "pseq": session.private_seq,
+            }
+        )
 
     def _json_resend(self, session: Session, request: dict[str, Any]) -> bytes | None:
         room = self._room_of(session)
-        first, last = request.get("from"), request.get("to")
-        if not (isinstance(first, int) and isinstance(last, int)) or first > last:
-            raise Refusal("bad-request", 'resend needs integers "from" <= "to"')
+        first, last = _resend_range(request)
         last = min(last, room.seq)
         entries = room.entries(first, last)
         oldest = entries[0].seq if entries else last + 1
@@ -585,6 +605,22 @@ class ChatServer:
             self._queue(session, entry.json_line)
         return None
 
+    def _json_resend_private(
+        self, session: Session, request: dict[str, Any]
+    ) -> bytes | None:
+        first, last = _resend_range(request)
+        last = min(last, session.private_seq)
+        kept = [seq for seq in session.privates if first <= seq <= last]
+        oldest = kept[0] if kept else last + 1
+        if first < oldest:
+            self._queue(
+                session,
+                encode({"type": "private-gap", "from": first, "to": oldest - 1}),
+            )
+        for seq in kept:
+            self._queue(session, session.privates[seq])
+        return None
+
     def _json_join_room(self, session: Session, request: dict[str, Any]) -> None:
         room = request.get("room")
         if not isinstance(room, str):
@@ -596,6 +632,7 @@ class ChatServer:
     ] = {
         "say": _json_say,
         "private": _json_private,
+        "resend-private": _json_resend_private,
         "nick": _json_nick,
         "who": _json_who,
         "leave": _json_leave,
@@ -833,6 +870,7 @@ class ChatServer:
                 "room": room.name,
                 "from": first,
                 "seq": room.seq,
+                "pseq": session.private_seq,
                 "keepalive": self.keepalive_interval,
                 "max_datagram": self.settings.max_datagram,
             }
@@ -870,10 +908,20 @@ class ChatServer:
                 "no-such-nick", f"nobody is called {target}; /who lists your room"
             )
         if recipient.mode is Mode.JSON:
-            line = encode({"type": "private", "from": session.nick, "text": text})
+            # Numbered per recipient, like a room's messages, so that the
+            # recipient's client can find a lost one and ask for it again.
+            seq = recipient.private_seq + 1
+            line = encode(
+                {"type": "private", "pseq": seq, "from": session.nick, "text": text}
+            )
+            self._check_size(line)
+            recipient.private_seq = seq
+            recipient.privates[seq] = line
+            while len(recipient.privates) > REMEMBERED_PRIVATES:
+                recipient.privates.popitem(last=False)
         else:
             line = text_line(f"[private] {session.nick}: {text}")
-        self._check_size(line)
+            self._check_size(line)
         self._queue(recipient, line)
         if session.mode is Mode.TEXT:
             self._queue(session, text_line(f"-> {recipient.nick}: {text}"))
