@@ -124,28 +124,42 @@ class TLSTests(ServiceTestCase):
         self.ca = CertificateAuthority()
         self.ca_file = self.ca.write_ca(self.directory / "ca.pem")
 
-    def serve(self, names: list[str]) -> tuple[EchoService, NetlabConfig]:
-        certificate, key = self.ca.issue(self.directory, names)
-        tls = {"certificate": str(certificate), "private_key": str(key)}
-        config = make_config(
-            self.directory,
-            "ssl:0:interface=127.0.0.1",
-            tls={**tls, "ca_file": str(self.ca_file)},
-        )
+    def serve(
+        self,
+        names: list[str],
+        *,
+        authority: CertificateAuthority | None = None,
+        own_key: bool = False,
+    ) -> tuple[EchoService, NetlabConfig]:
+        """A TLS service with a certificate for ``names`` from ``authority``
+        (the test CA), in [tls] or (``own_key``) in the endpoint itself."""
+        authority = authority or self.ca
+        certificate, key = authority.issue(self.directory, names)
+        endpoint = "ssl:0:interface=127.0.0.1"
+        tls = {"ca_file": str(self.ca_file)}
+        if own_key:
+            endpoint += f":privateKey={key}:certKey={certificate}"
+        else:
+            tls.update(certificate=str(certificate), private_key=str(key))
+        config = make_config(self.directory, endpoint, tls=tls)
         check_tls_files(config)
         return self.start(config), config
+
+    def open(self, service: EchoService, config: NetlabConfig) -> Any:
+        """A client session with ``service`` as alice (a Deferred)."""
+        return connect(
+            config,
+            reactor=reactor,
+            server=self.address(service),
+            identity=Identity("alice", KEY),
+        )
 
     def test_tls_session(self) -> None:
         """A TLS session verifies the server and works like a plain one."""
         service, config = self.serve(["localhost", "127.0.0.1"])
 
         async def scenario() -> None:
-            session = await connect(
-                config,
-                reactor=reactor,
-                server=self.address(service),
-                identity=Identity("alice", KEY),
-            )
+            session = await self.open(service, config)
             self.assertIsNotNone(session.transport.getPeerCertificate())
             answer = await session.request("echo", n=1)
             self.assertEqual(answer["user"], "alice")
@@ -161,26 +175,10 @@ class TLSTests(ServiceTestCase):
         trusts only the root: the service presents the intermediate too, and
         the leaf only once."""
         intermediate = CertificateAuthority("netlab intermediate", parent=self.ca)
-        certificate, key = intermediate.issue(self.directory, ["127.0.0.1"], "leaf")
-        config = make_config(
-            self.directory,
-            "ssl:0:interface=127.0.0.1",
-            tls={
-                "certificate": str(certificate),
-                "private_key": str(key),
-                "ca_file": str(self.ca_file),
-            },
-        )
-        check_tls_files(config)
-        service = self.start(config)
+        service, config = self.serve(["127.0.0.1"], authority=intermediate)
 
         async def scenario() -> None:
-            session = await connect(
-                config,
-                reactor=reactor,
-                server=self.address(service),
-                identity=Identity("alice", KEY),
-            )
+            session = await self.open(service, config)
             chain = session.transport.getHandle().get_peer_cert_chain()
             self.assertEqual(
                 [cert.to_cryptography().subject.rfc4514_string() for cert in chain],
@@ -194,22 +192,10 @@ class TLSTests(ServiceTestCase):
     def test_endpoint_naming_its_own_key(self) -> None:
         """An ssl: endpoint with privateKey= and certKey= of its own needs no
         [tls] certificate, and serves netlab's bulk TLS transport too."""
-        certificate, key = self.ca.issue(self.directory, ["127.0.0.1"])
-        config = make_config(
-            self.directory,
-            f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={certificate}",
-            tls={"ca_file": str(self.ca_file)},
-        )
-        check_tls_files(config)
-        service = self.start(config)
+        service, config = self.serve(["127.0.0.1"], own_key=True)
 
         async def scenario() -> None:
-            session = await connect(
-                config,
-                reactor=reactor,
-                server=self.address(service),
-                identity=Identity("alice", KEY),
-            )
+            session = await self.open(service, config)
             self.assertIsInstance(session.transport, BulkTLSProtocol)
             self.assertEqual((await session.request("echo"))["op"], "echoed")
             await session.close()
@@ -221,12 +207,7 @@ class TLSTests(ServiceTestCase):
         service, config = self.serve(["127.0.0.1"])
 
         async def scenario() -> None:
-            session = await connect(
-                config,
-                reactor=reactor,
-                server=self.address(service),
-                identity=Identity("alice", KEY),
-            )
+            session = await self.open(service, config)
             await session.request("echo", n=1)
             [server_session] = service.session_factory.sessions
             for transport in (session.transport, server_session.protocol.transport):
@@ -266,12 +247,7 @@ class TLSTests(ServiceTestCase):
     ) -> None:
         """Connecting fails with TLSVerificationFailed naming ``reason``."""
         with self.assertRaises(TLSVerificationFailed) as caught:
-            await connect(
-                config,
-                reactor=reactor,
-                server=self.address(service),
-                identity=Identity("alice", KEY),
-            )
+            await self.open(service, config)
         self.assertIn(reason, str(caught.exception))
 
     async def second_client_served(
@@ -296,12 +272,7 @@ class TLSTests(ServiceTestCase):
 
         async def scenario() -> None:
             with self.assertRaises(ConnectionFailed):
-                await connect(
-                    plain,
-                    reactor=reactor,
-                    server=self.address(service),
-                    identity=Identity("alice", KEY),
-                )
+                await self.open(service, plain)
 
         return ensureDeferred(scenario())
 
