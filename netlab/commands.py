@@ -89,11 +89,11 @@ def _add_file_commands(subparsers: Any) -> None:
     ls = subparsers.add_parser("ls", help="list a remote directory")
     ls.add_argument("-l", "--long", action="store_true", help="type, size and time")
     ls.add_argument("path", nargs="?", default="", help="remote directory (root)")
-    ls.set_defaults(handler="netlab.filecli:ls_command")
+    ls.set_defaults(handler="netlab.file.cli:ls_command")
 
     stat = subparsers.add_parser("stat", help="show a remote file's details")
     stat.add_argument("path", help="remote path")
-    stat.set_defaults(handler="netlab.filecli:stat_command")
+    stat.set_defaults(handler="netlab.file.cli:stat_command")
 
     get = subparsers.add_parser("get", help="download a file (or -r a directory)")
     get.add_argument("remote", help="remote path")
@@ -105,7 +105,7 @@ def _add_file_commands(subparsers: Any) -> None:
         action="store_false",
         help="start over instead of resuming from LOCAL.part",
     )
-    get.set_defaults(handler="netlab.filecli:get_command")
+    get.set_defaults(handler="netlab.file.cli:get_command")
 
     put = subparsers.add_parser("put", help="upload a file (or -r a directory)")
     put.add_argument("local", help="local path")
@@ -114,18 +114,18 @@ def _add_file_commands(subparsers: Any) -> None:
     # A put must declare its file's SHA-256 before sending a byte: hashing
     # starts here, on the second core, while the client loads and connects.
     put.set_defaults(
-        handler="netlab.filecli:put_command",
-        prepare="netlab.localdigest:start_put_hash",
+        handler="netlab.file.cli:put_command",
+        prepare="netlab.file.localdigest:start_put_hash",
         hashed_file=None,
     )
 
     rm = subparsers.add_parser("rm", help="remove a remote file or empty directory")
     rm.add_argument("path", help="remote path")
-    rm.set_defaults(handler="netlab.filecli:rm_command")
+    rm.set_defaults(handler="netlab.file.cli:rm_command")
 
     mkdir = subparsers.add_parser("mkdir", help="create a remote directory")
     mkdir.add_argument("path", help="remote path")
-    mkdir.set_defaults(handler="netlab.filecli:mkdir_command")
+    mkdir.set_defaults(handler="netlab.file.cli:mkdir_command")
 
 
 def _transfer_options(parser: argparse.ArgumentParser) -> None:
@@ -187,7 +187,7 @@ def _add_time(subparsers: Any) -> None:
         metavar="PORT",
         help="the service's UDP port (default: the port of [time] endpoint)",
     )
-    parser.set_defaults(handler="netlab.timecli:handle", kind="ntp")
+    parser.set_defaults(handler="netlab.time.cli:handle", kind="ntp")
 
 
 def _add_chat(subparsers: Any) -> None:

@@ -274,9 +274,9 @@ _NETLAB_TLS_OPTION = re.compile(r":tls=(?:yes|no)(?=:|$)")
 #: Builders of the services, by name.  ``None``: known to the configuration
 #: but not part of this release (enabling it is a configuration error).
 SERVICE_BUILDERS: dict[str, str | None] = {
-    "file": "netlab.fileservice:build",
+    "file": "netlab.file.service:build",
     "command": None,
-    "time": "netlab.timeservice:build",
+    "time": "netlab.time.service:build",
     "chat": "netlab.chat.service:build",
 }
 

@@ -20,7 +20,7 @@ from twisted.trial.unittest import TestCase
 from netlab import cli
 from netlab.commands import resolve
 from netlab.errors import ExitCode, UsageError
-from netlab.localdigest import HashedFile
+from netlab.file.localdigest import HashedFile
 
 from .support import temporary_directory
 
@@ -110,7 +110,7 @@ class LightParsingTests(TestCase):
         after_parsing, after_prepare = json.loads(result.stdout)
         for loaded, allowed in (
             (after_parsing, LIGHT_MODULES),
-            (after_prepare, LIGHT_MODULES | {"netlab.localdigest"}),
+            (after_prepare, LIGHT_MODULES | {"netlab.file", "netlab.file.localdigest"}),
         ):
             heavy = [name for name in loaded if name.split(".")[0] in HEAVY_PACKAGES]
             self.assertEqual(heavy, [])
@@ -137,7 +137,7 @@ class HandlerTests(TestCase):
         for name in COMMAND_LINES:
             prepare: str | None = getattr(self.parse(name), "prepare", None)
             if name == "put":
-                self.assertEqual(prepare, "netlab.localdigest:start_put_hash")
+                self.assertEqual(prepare, "netlab.file.localdigest:start_put_hash")
                 self.assertTrue(callable(resolve(str(prepare))))
             else:
                 self.assertIsNone(prepare, name)
@@ -180,7 +180,7 @@ class MainTests(TestCase):
         code, calls = self.run_main("put", str(local))
         self.assertEqual(code, 0)
         [(handler, args)] = calls
-        self.assertEqual(handler, "netlab.filecli:put_command")
+        self.assertEqual(handler, "netlab.file.cli:put_command")
         self.assertIsInstance(args.hashed_file, HashedFile)
         args.hashed_file.close()
 

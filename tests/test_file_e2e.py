@@ -22,10 +22,10 @@ from twisted.trial.unittest import TestCase
 from netlab.client import Session, connect
 from netlab.config import load
 from netlab.errors import RemoteError
-from netlab.fileclient import part_path, upload
-from netlab.filestore import PARTIAL_PREFIX
+from netlab.file.client import part_path, upload
+from netlab.file.localdigest import HashedFile
+from netlab.file.store import PARTIAL_PREFIX
 from netlab.framing import encode_data_frame
-from netlab.localdigest import HashedFile
 from tests.filesupport import FileSetup, file_setup
 from tests.support import Daemon, run_netlab, temporary_directory
 from tests.tlssupport import CertificateAuthority

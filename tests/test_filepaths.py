@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import TestCase
 
-from netlab.filepaths import (
+from netlab.file.paths import (
     NAME_MAX,
     PathRefused,
     RemotePath,

@@ -24,8 +24,8 @@ from twisted.trial.unittest import TestCase
 
 from netlab.auth import FailureTracker, Verifier
 from netlab.config import from_mapping
-from netlab.fileservice import FileService
-from netlab.filestore import PARTIAL_PREFIX
+from netlab.file.service import FileService
+from netlab.file.store import PARTIAL_PREFIX
 from netlab.framing import encode_data_frame
 from netlab.session import SessionFactory, SessionPolicy, decode_control
 from tests.sessionsupport import USERS, FakeClient, control
@@ -374,8 +374,8 @@ class ProtocolDocumentTests(TestCase):
         """Each code the file modules raise appears in the file-service section."""
         root = Path(__file__).resolve().parent.parent
         source = "".join(
-            (root / "netlab" / name).read_text()
-            for name in ("filepaths.py", "filestore.py", "fileservice.py")
+            (root / "netlab" / "file" / name).read_text()
+            for name in ("paths.py", "store.py", "service.py")
         )
         codes = set(
             re.findall(

@@ -16,8 +16,8 @@ from twisted.internet.testing import StringTransport
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.trial.unittest import TestCase
 
-from netlab.filepaths import PathRefused, parse_path
-from netlab.filestore import (
+from netlab.file.paths import PathRefused, parse_path
+from netlab.file.store import (
     PARTIAL_PREFIX,
     ChunkWorker,
     DigestCache,

@@ -1,4 +1,4 @@
-"""Tests of netlab.localdigest: hashing local files in background threads."""
+"""Tests of netlab.file.localdigest: hashing local files in background threads."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 from twisted.trial.unittest import TestCase
 
 from netlab.errors import UsageError
-from netlab.localdigest import (
+from netlab.file.localdigest import (
     HASH_BLOCK,
     HASH_BUFFERS,
     HashedFile,

@@ -20,7 +20,7 @@ from pathlib import Path
 import ntplib
 from twisted.trial.unittest import TestCase
 
-from netlab.timeproto import client_request
+from netlab.time.proto import client_request
 from tests import support
 from tests.support import Daemon, run_netlab, temporary_directory, write_config
 

@@ -1,4 +1,4 @@
-"""Tests for netlab.timeproto: timestamps, eras, NTP packets, classification, text."""
+"""Tests for netlab.time.proto: timestamps, eras, NTP packets, classification, text."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import TestCase
 
-from netlab.timeproto import (
+from netlab.time.proto import (
     DEFAULT_TEXT_FORMAT,
     MAX_DATAGRAM,
     MODE_CLIENT,

@@ -1,4 +1,4 @@
-"""Tests for netlab.timeservice: the responder's replies, guards and limits, and
+"""Tests for netlab.time.service: the responder's replies, guards and limits, and
 the service on real loopback sockets (oversize datagrams are never truncated)."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from twisted.trial.unittest import TestCase
 from netlab.config import NetlabConfig, TimeSection, from_mapping
 from netlab.errors import ConfigError
 from netlab.service import ServiceStartError
-from netlab.timeproto import (
+from netlab.time.proto import (
     LEAP_INSERT,
     LEAP_NONE,
     LEAP_UNSYNCHRONISED,
@@ -34,7 +34,7 @@ from netlab.timeproto import (
     rfc868_to_unix,
     short_format,
 )
-from netlab.timeservice import (
+from netlab.time.service import (
     COUNTERS,
     RESTART_DELAY_MAX,
     STABLE_RUN,

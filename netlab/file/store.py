@@ -40,7 +40,7 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 
-from netlab.filepaths import RESERVED_PREFIX, PathRefused, RemotePath, Sandbox
+from netlab.file.paths import RESERVED_PREFIX, PathRefused, RemotePath, Sandbox
 
 log = Logger(namespace="netlab.file")
 

@@ -38,8 +38,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from netlab.config import NetlabConfig
-from netlab.filepaths import PathRefused, RemotePath, parse_path
-from netlab.filestore import (
+from netlab.file.paths import PathRefused, RemotePath, parse_path
+from netlab.file.store import (
     ChunkWorker,
     Download,
     PutRequest,

@@ -20,7 +20,7 @@ from twisted.internet.protocol import DatagramProtocol
 
 from netlab.cli import Context
 from netlab.errors import ConnectionFailed, RemoteError, UsageError
-from netlab.timeproto import (
+from netlab.time.proto import (
     MODE_SERVER,
     MalformedReply,
     NTPPacket,

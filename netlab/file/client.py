@@ -1,7 +1,7 @@
 """The client side of the file service, on a READY :class:`netlab.client.Session`.
 
 Every function here is ``async`` and used by the ``netlab`` file commands
-(:mod:`netlab.filecli`); other Twisted programs may call them too.
+(:mod:`netlab.file.cli`); other Twisted programs may call them too.
 
 * :func:`download` writes to ``LOCAL.part``, resuming from what it already
   holds, hashes in a worker thread as data arrives, checks the server's
@@ -11,7 +11,7 @@ Every function here is ``async`` and used by the ``netlab`` file commands
   :class:`~netlab.errors.IntegrityError` (exit status 7).
 * :func:`upload` declares the local file's size and SHA-256 up front (the
   server wants them before the data), computed by a
-  :class:`~netlab.localdigest.HashedFile` in a background thread, which the
+  :class:`~netlab.file.localdigest.HashedFile` in a background thread, which the
   caller may have started long before (``netlab put`` starts it right after
   parsing its command line); then it streams from the offset the server
   already holds with a push producer, so a slow server pauses the reading
@@ -31,8 +31,8 @@ from twisted.internet.threads import deferToThread
 
 from netlab.client import Session
 from netlab.errors import ConnectionFailed, IntegrityError, RemoteError, UsageError
-from netlab.filestore import ChunkWorker, widen_transport
-from netlab.localdigest import HashedFile, Outcome
+from netlab.file.localdigest import HashedFile, Outcome
+from netlab.file.store import ChunkWorker, widen_transport
 from netlab.session import Control, Data
 from netlab.terminal import escape_name
 

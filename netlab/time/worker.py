@@ -1,9 +1,9 @@
 """A time service worker process, started by the daemon when ``[time] workers > 1``.
 
-``python -m netlab.timeworker [--config FILE] --index N`` answers time requests
+``python -m netlab.time.worker [--config FILE] --index N`` answers time requests
 on descriptor 3, a UDP socket the daemon bound (with SO_REUSEPORT, so the
 kernel spreads clients over the processes) or the socket systemd passed.  It
-runs the same :class:`~netlab.timeservice.TimeResponder` as the daemon, logs
+runs the same :class:`~netlab.time.service.TimeResponder` as the daemon, logs
 its own counters (as JSON lines on stdout, which the daemon publishes in its
 own log), re-reads the configuration on SIGHUP (the daemon forwards
 its reload) and exits when its stdin, a pipe from the daemon, closes: so a
@@ -27,7 +27,7 @@ from zope.interface import implementer
 from netlab.config import load
 from netlab.logs import NetlabLogObserver
 from netlab.service import describe_address
-from netlab.timeservice import (
+from netlab.time.service import (
     REFRESH_INTERVAL,
     TimeResponder,
     adopt,
@@ -98,7 +98,7 @@ class ParentWatch:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m netlab.timeworker")
+    parser = argparse.ArgumentParser(prog="python -m netlab.time.worker")
     parser.add_argument("--config")
     parser.add_argument("--index", type=int, required=True)
     args = parser.parse_args(argv)

@@ -1,10 +1,10 @@
 """The time service: SNTPv4, RFC 868 and the lessons' text time on one UDP port.
 
 :class:`TimeResponder` is the ``DatagramProtocol``: it classifies each
-datagram with :mod:`netlab.timeproto`, applies the reflection guards and the
+datagram with :mod:`netlab.time.proto`, applies the reflection guards and the
 rate limits, and answers.  :class:`TimeService` listens, refreshes what the
 kernel says about the clock, logs the counters, and with ``workers = N``
-starts N-1 worker processes (:mod:`netlab.timeworker`) that answer on the
+starts N-1 worker processes (:mod:`netlab.time.worker`) that answer on the
 same port, and starts again any that dies.
 
 A UDP responder on the open internet is a reflection weapon: anyone can send
@@ -47,7 +47,7 @@ from netlab.service import (
     ServiceStartError,
     systemd_datagram_sockets,
 )
-from netlab.timeproto import (
+from netlab.time.proto import (
     LEAP_DELETE,
     LEAP_INSERT,
     LEAP_NONE,
@@ -71,7 +71,7 @@ log = Logger(namespace="netlab.time")
 
 #: Datagrams are read up to this size: above the largest UDP payload (65507
 #: bytes), so nothing is ever truncated; oversize requests are seen whole and
-#: dropped (the application limit is timeproto.MAX_DATAGRAM).
+#: dropped (the application limit is proto.MAX_DATAGRAM).
 MAX_PACKET_SIZE = 65536
 #: How often the kernel is asked about the clock (leap, synchronisation, error).
 REFRESH_INTERVAL = 16.0
@@ -636,7 +636,7 @@ class TimeService(DatagramListeningService):
     def spawn_worker(self, index: int, sock: socket.socket) -> None:
         """Start worker ``index`` answering on ``sock`` (closed here)."""
         reactor: IReactorProcess = self.reactor
-        arguments = [sys.executable, "-m", "netlab.timeworker"]
+        arguments = [sys.executable, "-m", "netlab.time.worker"]
         if self.config.path is not None:
             arguments += ["--config", str(self.config.path)]
         worker = WorkerProcess(index, self.worker_exited, self.reactor.seconds())
@@ -716,7 +716,7 @@ class TimeService(DatagramListeningService):
             self.reporter.start(section.stats_interval, now=False)
         for worker in self.workers:
             if worker.running and worker.transport is not None:
-                # Workers read the same file again on SIGHUP (netlab.timeworker).
+                # Workers read the same file again on SIGHUP (netlab.time.worker).
                 worker.transport.signalProcess("HUP")
 
     def stopService(self) -> defer.Deferred[None] | None:

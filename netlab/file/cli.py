@@ -5,7 +5,7 @@ terminal, unless ``-q``.  Remote names are escaped before they are printed, so
 a hostile name cannot drive the terminal.  Exit statuses are those of
 docs/cli.rst; a transfer that fails verification exits 7.  The command lines
 are declared in :mod:`netlab.commands`; a single-file ``put`` finds its file
-already open and hashing (:func:`netlab.localdigest.start_put_hash`).
+already open and hashing (:func:`netlab.file.localdigest.start_put_hash`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path, PurePosixPath
 from netlab.cli import Context
 from netlab.client import Session
 from netlab.errors import RemoteError, UsageError
-from netlab.fileclient import (
+from netlab.file.client import (
     Progress,
     RemoteEntry,
     download,
@@ -30,7 +30,7 @@ from netlab.fileclient import (
     stat_remote,
     upload,
 )
-from netlab.localdigest import HashedFile
+from netlab.file.localdigest import HashedFile
 from netlab.terminal import escape_name
 
 
@@ -189,7 +189,7 @@ def _say(context: Context, text: str) -> None:
 async def put_command(context: Context) -> int:
     args = context.args
     # A single-file put has had LOCAL open and hashing since its command
-    # line was parsed (netlab.localdigest.start_put_hash), unless opening it
+    # line was parsed (netlab.file.localdigest.start_put_hash), unless opening it
     # failed: the checks below then report why, as they would without it.
     hashed: HashedFile | None = args.hashed_file
     try:
