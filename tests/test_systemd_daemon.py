@@ -194,6 +194,18 @@ class ServiceDaemonTests(TestCase):
         text = SERVICES.format(file=file, time=time, root=self.root)
         return write_config(self.directory, text)
 
+    def activated(self, config: Path, port: int, name: str) -> Daemon:
+        """The daemon behind systemd-socket-activate, which listens on TCP
+        ``port`` and passes the socket as ``name`` (nothing started yet)."""
+        wrapper = (
+            "systemd-socket-activate",
+            f"--listen=127.0.0.1:{port}",
+            f"--fdname={name}",
+        )
+        daemon = Daemon(self, config, wrapper=wrapper)
+        daemon.wait_for(rf"Listening on 127\.0\.0\.1:{port} as 3")
+        return daemon
+
     def client(self, *args: str, file_port: int, time_port: int) -> str:
         """Run the ``netlab`` client against the given ports; return its output."""
         config = write_config(
@@ -315,13 +327,7 @@ class ServiceDaemonTests(TestCase):
             )
             + tls,
         )
-        wrapper = (
-            "systemd-socket-activate",
-            f"--listen=127.0.0.1:{port}",
-            "--fdname=netlab-file",
-        )
-        daemon = Daemon(self, config, wrapper=wrapper)
-        daemon.wait_for(rf"Listening on 127\.0\.0\.1:{port} as 3")
+        daemon = self.activated(config, port, "netlab-file")
         server = ("--server", f"127.0.0.1:{port}")
         listing = run_netlab("--config", str(config), *server, "ls")
         self.assertEqual(listing.returncode, 0, listing.stderr + daemon.log)
@@ -366,13 +372,7 @@ class ServiceDaemonTests(TestCase):
         config = self.server_config(
             "tcp:0:interface=127.0.0.1", "systemd:name=netlab-time"
         )
-        wrapper = (
-            "systemd-socket-activate",
-            f"--listen=127.0.0.1:{port}",
-            "--fdname=netlab-time",
-        )
-        daemon = Daemon(self, config, wrapper=wrapper)
-        daemon.wait_for(rf"Listening on 127\.0\.0\.1:{port} as 3")
+        daemon = self.activated(config, port, "netlab-time")
         with socket.create_connection(("127.0.0.1", port), timeout=10):
             self.assertNotEqual(daemon.finish(), 0)
         # The time service adopts its socket itself (it reads kernel
